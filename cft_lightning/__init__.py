@@ -1,0 +1,3 @@
+"""cft_lightning: explanation-guided fine-tuning of image classifiers on PyTorch Lightning."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,313 @@
+"""``GuidanceDataModule``: few-shot image folder + mask store -> batches for explanation-guided fine-tuning.
+
+Batch contract (default collate of :class:`~cft_lightning.data.image_folder.GuidanceDataset` items)::
+
+    batch["image"]        float32 (B, 3, H, W), normalised with the model's mean/std
+    batch["label"]        int64 (B,), index in ``class_names`` (-1 for unlabelled prediction images)
+    batch["masks"][kind]  float32 (B, H, W), exactly 0 or 1, for each loaded mask kind
+    batch["path"]         list of B str, image paths relative to the split's root (the mask-store key)
+    batch["group"]        int64 (B,), group id from the metadata CSV (-1 if none)
+    batch["index"]        int64 (B,), position in the split's dataset
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch.utils.data import DataLoader
+
+from cft_lightning.data.errors import DataError
+from cft_lightning.data.image_folder import (
+    MISSING_MASK_POLICIES,
+    FewShotSelection,
+    GuidanceDataset,
+    Metadata,
+    Sample,
+    build_samples,
+    read_metadata,
+    resolve_class_list,
+    scan_image_folder,
+    select_few_shot,
+)
+from cft_lightning.data.mask_store import MaskStore
+from cft_lightning.data.transforms import JointTransform, build_transforms
+
+SELECTION_FILE = "fine_tuning_classes.json"
+
+
+def _kinds_available(store: MaskStore, samples: Sequence[Sample], kinds: Sequence[str]) -> list[str]:
+    """Kinds that the store has for every sample (for splits whose masks are optional); warns on partial kinds."""
+    available = []
+    for kind in kinds:
+        present = sum(store.has(s.path, kind) for s in samples)
+        if samples and present == len(samples):
+            available.append(kind)
+        elif present:
+            rank_zero_warn(
+                f"mask store {store.root}: kind {kind!r} exists for only {present}/{len(samples)} images "
+                f"of this split; not loading it"
+            )
+    return available
+
+
+class GuidanceDataModule(L.LightningDataModule):
+    """Few-shot training images with guidance masks, plus validation, test and prediction splits.
+
+    Training uses ``images_per_class`` images from each of ``round(class_fraction * n)`` classes of ``root``,
+    chosen with ``seed`` (identical on every DDP rank and filesystem). Without ``val_root``, validation follows the
+    CFT/RobustViT protocol: ``val_images_per_class`` images from every held-out class of ``root`` (or, if all
+    classes are fine-tuned, unused images of those classes). Image sizes, mean/std and crop come from the model's
+    timm data config.
+
+    Args:
+        root: Training image folder, laid out as ``root/<class>/<image>``.
+        masks: Mask store root (see ``MaskStore``); required when ``mask_kinds`` is not empty.
+        mask_kinds: Mask kinds to load for training and protocol validation, e.g. ``[concept]`` or
+            ``[concept, object]``. Use ``[]`` for plain fine-tuning without masks.
+        classes: Label space: ``null`` for the sorted folder names of ``root``, ``imagenet`` for the 1000
+            ImageNet-1k WNIDs (labels are ImageNet indices), a path to a text file with one class per line, or a
+            list of names. A folder outside this list is an error.
+        images_per_class: Training images per fine-tuning class (``null`` for all).
+        class_fraction: Fraction of the classes present in ``root`` used for fine-tuning; the rest are held out.
+        seed: Seed of the class and image selection (independent of the training seed).
+        val_root: Validation image folder; all its images are used, with masks of the kinds the store holds for
+            all of them. If unset, validation images come from the held-out classes of ``root``.
+        val_images_per_class: Validation images per held-out class when ``val_root`` is unset.
+        test_root: Test image folder (all images; masks loaded when the store has them).
+        predict_root: Folder for ``predict`` (class folders or a flat folder of unlabelled images).
+        metadata: CSV with column ``image`` (path relative to its split's root) and optional ``group``, ``label``
+            and extra columns; groups reach the batch (``-1`` for images not listed).
+        missing_masks: What a missing mask file does for training/protocol validation: ``error``, ``drop`` the
+            image, or use an all-zero (``empty``) mask.
+        batch_size: Training batch size.
+        eval_batch_size: Batch size of validation/test/predict loaders (defaults to ``batch_size``).
+        num_workers: DataLoader worker processes (workers are persistent when > 0).
+        pin_memory: Pin host memory in the DataLoaders (useful on GPU).
+        data_config: timm data config (``input_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct``). If
+            ``null``, it is read from the attached model's ``data_config`` attribute at setup.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        masks: str | None = None,
+        mask_kinds: list[str] = ["concept"],  # noqa: B006 - copied below; jsonargparse shows it as the default
+        classes: str | list[str] | None = None,
+        images_per_class: int | None = 3,
+        class_fraction: float = 0.5,
+        seed: int = 0,
+        val_root: str | None = None,
+        val_images_per_class: int = 1,
+        test_root: str | None = None,
+        predict_root: str | None = None,
+        metadata: str | None = None,
+        missing_masks: str = "error",
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        data_config: dict | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value, want_dir in (
+            ("root", root, True),
+            ("masks", masks, True),
+            ("val_root", val_root, True),
+            ("test_root", test_root, True),
+            ("predict_root", predict_root, True),
+            ("metadata", metadata, False),
+        ):
+            if value is None:
+                continue
+            if not os.path.exists(value):
+                raise DataError(f"data.{name}: {value} does not exist")
+            if want_dir != os.path.isdir(value):
+                raise DataError(f"data.{name}: {value} must be a {'directory' if want_dir else 'file'}")
+        if isinstance(classes, str) and classes != "imagenet" and not os.path.isfile(classes):
+            raise DataError(f"data.classes: {classes} is neither 'imagenet' nor an existing class list file")
+        if missing_masks not in MISSING_MASK_POLICIES:
+            raise DataError(f"data.missing_masks must be one of {MISSING_MASK_POLICIES}, got {missing_masks!r}")
+        if mask_kinds and masks is None:
+            raise DataError(f"data.mask_kinds={list(mask_kinds)} needs data.masks (a mask store), or set mask_kinds=[]")
+        if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1) or num_workers < 0:
+            raise DataError("data.batch_size / eval_batch_size must be >= 1 and num_workers >= 0")
+        self.root = root
+        self.masks = masks
+        self.mask_kinds = list(mask_kinds)
+        self.classes = classes
+        self.images_per_class = images_per_class
+        self.class_fraction = class_fraction
+        self.seed = seed
+        self.val_root = val_root
+        self.val_images_per_class = val_images_per_class
+        self.test_root = test_root
+        self.predict_root = predict_root
+        self.metadata = metadata
+        self.missing_masks = missing_masks
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.data_config = data_config
+        self.train_dataset: GuidanceDataset | None = None
+        self.val_dataset: GuidanceDataset | None = None
+        self.test_dataset: GuidanceDataset | None = None
+        self.predict_dataset: GuidanceDataset | None = None
+        self._class_names: list[str] | None = None
+        self._selection: FewShotSelection | None = None
+        self._metadata: Metadata | None = None
+        self._transforms: tuple[JointTransform, JointTransform] | None = None
+
+    # ---------------------------------------------------------------- label space and selection (lazy, cheap)
+    @property
+    def class_names(self) -> list[str]:
+        """Class names in label order (only lists the folders of ``root``; no image scan)."""
+        if self._class_names is None:
+            self._class_names = resolve_class_list(self.classes, self.root)
+        return self._class_names
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def selection(self) -> FewShotSelection:
+        """The few-shot selection of ``root`` (scans ``root`` on first use)."""
+        if self._selection is None:
+            images = scan_image_folder(self.root)
+            # Check every image of root, not only the selected ones: unknown folders and CSV label conflicts.
+            build_samples(images, self.class_names, self._read_metadata(), self.root)
+            self._selection = select_few_shot(
+                images, self.images_per_class, self.class_fraction, self.seed, self.val_images_per_class
+            )
+        return self._selection
+
+    @property
+    def fine_tuning_classes(self) -> list[str]:
+        return self.selection.fine_tuning_classes
+
+    @property
+    def held_out_classes(self) -> list[str]:
+        return self.selection.held_out_classes
+
+    @property
+    def group_names(self) -> dict[int, str]:
+        """Group id -> name from the metadata CSV (empty without one)."""
+        meta = self._read_metadata()
+        return dict(meta.group_names) if meta is not None else {}
+
+    def _read_metadata(self) -> Metadata | None:
+        if self.metadata is not None and self._metadata is None:
+            self._metadata = read_metadata(self.metadata)
+        return self._metadata
+
+    # ---------------------------------------------------------------- setup
+    def _resolve_data_config(self) -> dict[str, Any]:
+        if self.data_config is not None:
+            return self.data_config
+        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        config = getattr(module, "data_config", None)
+        if config is None:
+            raise DataError(
+                "data.data_config is not set and no attached model exposes `data_config`; pass data_config "
+                "(timm.data.resolve_data_config(model=...)) or run the DataModule through a Trainer with the model"
+            )
+        return dict(config)
+
+    def _samples(self, images: dict[str, list[str]], root: str) -> list[Sample]:
+        meta = self._read_metadata()
+        samples = build_samples(images, self.class_names, meta, root)
+        if meta is not None and samples and not any(s.path in meta.extra for s in samples):
+            rank_zero_warn(f"metadata CSV {meta.path} lists none of the {len(samples)} images of {root}; group -1")
+        return samples
+
+    def _optional_mask_dataset(self, root: str, transform: JointTransform, allow_flat: bool = False) -> GuidanceDataset:
+        """All images of ``root``, with the requested mask kinds that the store holds for every image."""
+        samples = self._samples(scan_image_folder(root, allow_flat=allow_flat), root)
+        store = MaskStore(self.masks) if self.masks is not None else None
+        kinds = _kinds_available(store, samples, self.mask_kinds) if store is not None else []
+        return GuidanceDataset(root, samples, transform, store, kinds, "error")
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the datasets of ``stage`` (``fit``, ``validate``, ``test``, ``predict``; ``None`` = fit)."""
+        if self._transforms is None:
+            self._transforms = build_transforms(self._resolve_data_config())
+        train_tf, eval_tf = self._transforms
+        store = MaskStore(self.masks) if self.masks is not None else None
+        kinds, policy = self.mask_kinds, self.missing_masks
+        if stage in (None, "fit") and self.train_dataset is None:
+            selection = self.selection
+            samples = self._samples(selection.train, self.root)
+            self.train_dataset = GuidanceDataset(self.root, samples, train_tf, store, kinds, policy)
+            if len(self.train_dataset) == 0:
+                raise DataError(f"data.root: no training images left in {self.root} (all dropped for missing masks)")
+        if stage in (None, "fit"):
+            self._write_selection()
+        if stage in (None, "fit", "validate") and self.val_dataset is None:
+            if self.val_root is not None:
+                self.val_dataset = self._optional_mask_dataset(self.val_root, eval_tf)
+            else:
+                samples = self._samples(self.selection.val, self.root)
+                if not samples:
+                    rank_zero_warn(f"no validation images: {self.root} has no held-out class or unused image")
+                self.val_dataset = GuidanceDataset(self.root, samples, eval_tf, store, kinds, policy)
+        if stage == "test" and self.test_dataset is None and self.test_root is not None:
+            self.test_dataset = self._optional_mask_dataset(self.test_root, eval_tf)
+        if stage == "predict" and self.predict_dataset is None and self.predict_root is not None:
+            self.predict_dataset = self._optional_mask_dataset(self.predict_root, eval_tf, allow_flat=True)
+
+    def _write_selection(self) -> None:
+        """Record the class split in the run's log dir (rank 0), so a run can be reproduced and audited."""
+        trainer = self.trainer
+        if trainer is None:
+            return
+        log_dir = trainer.log_dir  # broadcast inside Lightning: every rank must ask
+        if not log_dir or not trainer.is_global_zero:
+            return
+        selection = self.selection
+        record = {
+            "seed": self.seed,
+            "root": str(Path(self.root).resolve()),
+            "images_per_class": self.images_per_class,
+            "class_fraction": self.class_fraction,
+            "fine_tuning_classes": selection.fine_tuning_classes,
+            "held_out_classes": selection.held_out_classes,
+            "train_images": [s.path for s in self.train_dataset.samples] if self.train_dataset else [],
+        }
+        os.makedirs(log_dir, exist_ok=True)
+        Path(log_dir, SELECTION_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+    # ---------------------------------------------------------------- loaders
+    def _loader(self, dataset: GuidanceDataset | None, name: str, shuffle: bool, batch_size: int) -> DataLoader:
+        if dataset is None:
+            raise DataError(f"no {name} dataset: set data.{name}_root (or call setup for this stage first)")
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=False,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, "train", True, self.batch_size)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Validation loader; an empty list (Lightning then skips validation) when no image is left for it."""
+        if self.val_dataset is not None and len(self.val_dataset) == 0:
+            return []
+        return self._loader(self.val_dataset, "val", False, self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_dataset, "test", False, self.eval_batch_size)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.predict_dataset, "predict", False, self.eval_batch_size)

@@ -1,0 +1,122 @@
+"""The `Regularizer` contract: the training objective of one fine-tuning method.
+
+A regularizer receives the batch, the trainable model, the relevance method and the frozen reference's
+logits, runs the model's forward pass itself (once, usually inside the relevance method so the map and
+the logits come from the same pass) and returns named loss terms and their weighted total.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cft_lightning.relevance.base import Relevance, RelevanceMethod
+
+ConsistencyTarget = Literal["self", "reference", "label"]
+
+__all__ = ["ConsistencyTarget", "Regularizer", "RegularizerOutput", "consistency_loss", "masks_to_grid"]
+
+
+@dataclass
+class RegularizerOutput:
+    """What one step of a method produced.
+
+    Attributes:
+        total: the scalar loss to minimise.
+        terms: named unweighted loss terms (logged as `train/<name>`), detached or not.
+        logits: (B, C) logits of the trainable model's forward pass (for accuracy logging).
+        relevance: the relevance of that pass when the method computed one.
+    """
+
+    total: Tensor
+    terms: dict[str, Tensor] = field(default_factory=dict)
+    logits: Tensor | None = None
+    relevance: Relevance | None = None
+
+
+class Regularizer(ABC):
+    """One fine-tuning objective. Subclass, declare `required_masks`, implement `__call__`.
+
+    Class attributes:
+        required_masks: mask kinds the batch must carry (`batch["masks"][kind]`); the data module is
+            checked against them before training starts.
+        needs_relevance: whether the method calls the relevance method (else its `relevance` is ignored).
+    """
+
+    required_masks: ClassVar[tuple[str, ...]] = ()
+    needs_relevance: ClassVar[bool] = False
+
+    @abstractmethod
+    def __call__(
+        self,
+        batch: dict[str, Any],
+        model: nn.Module,
+        relevance: RelevanceMethod | None,
+        reference_logits: Tensor | None,
+    ) -> RegularizerOutput:
+        """Run the forward pass on `batch["image"]` and return the loss terms and total."""
+
+    def masks_of(self, batch: dict[str, Any], kind: str) -> Tensor:
+        """`batch["masks"][kind]`, with a clear error naming the batch when it is missing."""
+        masks = batch.get("masks") or {}
+        if kind not in masks:
+            paths = batch.get("path") or []
+            where = f" (batch starting with {paths[0]!r})" if paths else ""
+            raise KeyError(
+                f"{type(self).__name__} needs '{kind}' masks but the batch has {sorted(masks) or 'none'}{where}; "
+                f"add '{kind}' to data.mask_kinds and point data.masks at a mask store that has them"
+            )
+        return masks[kind]
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({args})"
+
+
+def masks_to_grid(masks: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bring (B, H, W) masks to a (B, h, w) grid by area: each cell holds the fraction of its pixels inside.
+
+    Exact when H, W are multiples of h, w (patch grids); otherwise torch's adaptive average pooling.
+    """
+    if masks.dim() != 3:
+        raise ValueError(f"masks must be (B, H, W), got shape {tuple(masks.shape)}")
+    masks = masks.float()
+    if tuple(masks.shape[-2:]) == tuple(size):
+        return masks
+    return F.adaptive_avg_pool2d(masks.unsqueeze(1), size).squeeze(1)
+
+
+def consistency_loss(
+    logits: Tensor,
+    target: ConsistencyTarget,
+    labels: Tensor,
+    reference_logits: Tensor | None,
+    temperature: float = 1.0,
+) -> Tensor:
+    """Cross-entropy of `logits / temperature` against the consistency target (CFT Eq. 6 and its ablations).
+
+    `self`: the trainable model's own argmax (the paper's and the release's choice); `reference`: the frozen
+    reference's argmax; `label`: the ground-truth label (the paper's "w/ ground-truth" ablation).
+    The argmax is taken before the temperature, as the release does (it does not change the argmax).
+    """
+    if target == "self":
+        y = logits.detach().argmax(dim=1)
+    elif target == "reference":
+        if reference_logits is None:
+            raise ValueError("consistency_target='reference' needs the reference model (track_reference: true)")
+        y = reference_logits.argmax(dim=1).to(logits.device)
+    elif target == "label":
+        y = labels
+    else:
+        raise ValueError(f"unknown consistency_target {target!r}; expected 'self', 'reference' or 'label'")
+    return F.cross_entropy(logits / temperature, y)
+
+
+def labels_of(batch: dict[str, Any]) -> Tensor:
+    """Ground-truth labels as a long tensor."""
+    return torch.as_tensor(batch["label"]).long()

@@ -1,0 +1,131 @@
+"""The `RelevanceMethod` contract: what every relevance (explanation) method returns and promises.
+
+A relevance method explains a model's class score on the model's own token/feature grid. It runs the
+model's forward pass itself, so the logits it returns are those of the same pass: a training step needs
+one forward for both the relevance loss and the classification loss.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+
+Differentiability = Literal["exact", "attention_only", "none"]
+Normalization = Literal["minmax", "positive_max"]
+
+
+@dataclass
+class Relevance:
+    """The result of explaining a batch.
+
+    Attributes:
+        maps: (B, h, w) relevance normalised per image into [0, 1] on the patch (or feature) grid.
+        raw: (B, h, w) the signed, unnormalised relevance the maps were made from.
+        logits: (B, C) logits of the forward pass that produced the maps.
+        targets: (B,) the class each map explains.
+    """
+
+    maps: Tensor
+    raw: Tensor
+    logits: Tensor
+    targets: Tensor
+
+
+def normalize_maps(raw: Tensor, mode: Normalization = "minmax", eps: float = 1e-8) -> Tensor:
+    """Map signed (B, h, w) relevance into [0, 1] per image, differentiably and without NaN for constant maps.
+
+    `minmax`: (r - min) / (max - min + eps), as the CFT release does (plus the eps it lacks).
+    `positive_max`: relu(r) / (max relu(r) + eps): negative evidence counts as none.
+    """
+    flat = raw.flatten(1)
+    if mode == "minmax":
+        lo = flat.amin(dim=1, keepdim=True)
+        hi = flat.amax(dim=1, keepdim=True)
+        out = (flat - lo) / (hi - lo + eps)
+    elif mode == "positive_max":
+        pos = flat.clamp_min(0)
+        out = pos / (pos.amax(dim=1, keepdim=True) + eps)
+    else:
+        raise ValueError(f"unknown relevance normalisation {mode!r}; expected 'minmax' or 'positive_max'")
+    return out.view_as(raw)
+
+
+def resolve_targets(logits: Tensor, targets: Tensor | None) -> Tensor:
+    """The classes to explain: the given ones, or the argmax of this forward pass when None."""
+    if targets is None:
+        return logits.detach().argmax(dim=1)
+    targets = torch.as_tensor(targets, device=logits.device).long().view(-1)
+    if targets.numel() != logits.shape[0]:
+        raise ValueError(f"got {targets.numel()} targets for a batch of {logits.shape[0]} images")
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= logits.shape[1]):
+        raise ValueError(
+            f"target classes must lie in [0, {logits.shape[1] - 1}] for this model's head; "
+            f"got min {int(targets.min())}, max {int(targets.max())}"
+        )
+    return targets
+
+
+class RelevanceMethod(ABC):
+    """Explains `model(images)` for `targets` on the model's grid. Subclass and implement `explain`.
+
+    Class attributes describe the method (captum-style flags):
+        differentiability: how the map depends on the parameters when `differentiable=True`:
+            `exact` the map's parameter gradient is the true one (second order through the rules),
+            `attention_only` gradients of the attention maps are held constant (RobustViT / CFT release),
+            `none` the map is detached.
+        architectures: model families the method supports (for error messages and docs).
+    """
+
+    differentiability: ClassVar[Differentiability] = "none"
+    architectures: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, normalize: Normalization = "minmax", eps: float = 1e-8) -> None:
+        """
+        Args:
+            normalize: how signed relevance becomes the [0, 1] map: `minmax` per image (release) or
+                `positive_max` (negative relevance clipped to 0, then divided by the max).
+            eps: stabiliser of the normalisation.
+        """
+        self.normalize = normalize
+        self.eps = eps
+
+    def __call__(
+        self,
+        model: nn.Module,
+        images: Tensor,
+        targets: Tensor | None = None,
+        *,
+        differentiable: bool = True,
+    ) -> Relevance:
+        """Explain `targets` (None: the predicted class of this pass).
+
+        With `differentiable=True` the maps stay in the autograd graph (in the regime of
+        `differentiability`) so a loss on them trains the model; with False they are detached and
+        cheaper to compute.
+        """
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                f"{type(self).__name__} needs autograd, but it was called under torch.inference_mode(). "
+                "Lightning evaluates under inference mode by default: set `trainer.inference_mode: false` "
+                "(or pass --trainer.inference_mode false) for validate/test/predict with relevance."
+            )
+        with torch.enable_grad():
+            raw, logits, targets = self.explain(model, images, targets, differentiable=differentiable)
+        if not differentiable or self.differentiability == "none":
+            raw = raw.detach()
+        maps = normalize_maps(raw, self.normalize, self.eps)
+        return Relevance(maps=maps, raw=raw, logits=logits, targets=targets)
+
+    @abstractmethod
+    def explain(
+        self, model: nn.Module, images: Tensor, targets: Tensor | None, *, differentiable: bool
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Return (raw signed relevance (B, h, w), logits (B, C), explained targets (B,))."""
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({args})"

@@ -1,0 +1,84 @@
+"""Gradient-weighted attention rollout (Chefer et al., CVPR 2021 "generic attention explainability"),
+in the regime of RobustViT and of the CFT authors' release.
+
+Per block l: A_bar_l = mean over heads of relu(dy/dA_l * A_l); rollout R_0 = I, R_l = R_{l-1} + A_bar_l R_{l-1};
+relevance = the [CLS] row of R_L over the patch tokens (models without a class token: the mean row of
+the patch tokens). The attention gradients dy/dA_l come from one `autograd.grad` call without
+`create_graph`: they are held constant, so the map is differentiable only through the attention maps
+themselves (`differentiability = "attention_only"`), which is what the release trains with.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from cft_lightning.relevance._vit import UnsupportedModelError, explicit_attention
+from cft_lightning.relevance.base import Normalization, RelevanceMethod, resolve_targets
+
+
+class GradientRollout(RelevanceMethod):
+    """Chefer-style gradient-weighted rollout for timm ViTs, attention gradients held constant."""
+
+    differentiability = "attention_only"
+    architectures = ("timm VisionTransformer and other timm models whose attention has an `attn_drop`",)
+
+    def __init__(self, normalize: Normalization = "minmax", eps: float = 1e-8) -> None:
+        """
+        Args:
+            normalize: `minmax` (release) or `positive_max` (see `normalize_maps`).
+            eps: normalisation stabiliser.
+        """
+        super().__init__(normalize=normalize, eps=eps)
+
+    def explain(
+        self, model: nn.Module, images: Tensor, targets: Tensor | None, *, differentiable: bool
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        maps: list[Tensor] = []
+        drops = [m.attn_drop for m in model.modules() if hasattr(m, "fused_attn") and hasattr(m, "attn_drop")]
+        if not drops:
+            raise UnsupportedModelError(f"{type(model).__name__} has no timm attention modules to read maps from")
+        if any(d.training and d.p > 0 for d in drops):
+            raise UnsupportedModelError("attention dropout is active: build the backbone with attn_drop_rate=0")
+        # A frozen model (no parameter and no image requires grad) gives maps outside any graph: make them
+        # leaves that require grad so dy/dA still exists (the same tensor object is used downstream).
+        handles = [
+            d.register_forward_hook(lambda _m, _i, out: maps.append(out if out.requires_grad else out.requires_grad_()))
+            for d in drops
+        ]
+        try:
+            with explicit_attention(model):
+                logits = model(images)
+        finally:
+            for h in handles:
+                h.remove()
+        targets = resolve_targets(logits, targets)
+        score = logits.gather(1, targets[:, None]).sum()
+        grads = torch.autograd.grad(score, maps, retain_graph=torch.is_grad_enabled() and logits.requires_grad)
+        with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
+            B, _, N, _ = maps[0].shape
+            rollout = torch.eye(N, dtype=maps[0].dtype, device=maps[0].device).expand(B, N, N)
+            for attn, grad in zip(maps, grads):
+                weighted = (grad * attn).clamp_min(0).mean(dim=1)
+                rollout = rollout + weighted @ rollout
+            prefix = getattr(model, "num_prefix_tokens", 1)
+            has_cls = getattr(model, "cls_token", None) is not None
+            rows = rollout[:, 0, prefix:] if has_cls else rollout[:, prefix:, prefix:].mean(dim=1)
+        grid = _grid(model, images, rows.shape[1])
+        return rows.reshape(B, *grid), logits, targets
+
+
+def _grid(model: nn.Module, images: Tensor, num_patches: int) -> tuple[int, int]:
+    pe = getattr(model, "patch_embed", None)
+    if pe is not None and hasattr(pe, "dynamic_feat_size"):
+        grid = tuple(int(s) for s in pe.dynamic_feat_size(tuple(images.shape[-2:])))
+        if grid[0] * grid[1] == num_patches:
+            return grid
+        raise UnsupportedModelError(
+            f"{num_patches} patch tokens do not fill the {grid[0]}x{grid[1]} patch grid of these images "
+            "(patch dropout active in training mode? build the backbone with patch_drop_rate=0)"
+        )
+    side = int(round(num_patches**0.5))
+    if side * side != num_patches:
+        raise UnsupportedModelError(f"cannot place {num_patches} patch tokens on a grid")
+    return side, side

@@ -1,0 +1,78 @@
+"""AttnLRP rules as explicit vector-Jacobian products (the math, independent of any model).
+
+Each function maps the modified gradient at an operation's output to the modified gradient at its
+input. They are ordinary differentiable tensor expressions of the *true* forward activations, so a
+relevance map built from them is exactly twice differentiable: its parameter gradient is the true
+gradient of the AttnLRP map (no surrogate, unlike patching the forward graph's backward; see
+docs/relevance.md). Relevance at a tensor `a` is `a * g_a` (LRP as gradient x input).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+AttentionRule = Literal["attnlrp", "cp"]
+
+
+def linear_rule(g: Tensor, weight: Tensor) -> Tensor:
+    """Epsilon rule of a linear layer in gradient x input form: the plain VJP `g @ W` (bias absorbs)."""
+    return g @ weight
+
+
+def layer_norm_rule(g: Tensor, std: Tensor, weight: Tensor | None) -> Tensor:
+    """Identity rule on the 1/std of LayerNorm: differentiate with std held constant.
+
+    y = (x - mean(x)) / std * w + b  =>  g_x = (g*w - mean(g*w)) / std.
+    """
+    gw = g * weight if weight is not None else g
+    return (gw - gw.mean(dim=-1, keepdim=True)) / std
+
+
+def activation_ratio(act: nn.Module, h: Tensor) -> Tensor:
+    """act(h) / h, the identity rule's gradient factor for an element-wise activation, in closed form
+    where it exists (no division by ~0)."""
+    if isinstance(act, nn.GELU):
+        if act.approximate == "tanh":
+            return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (h + 0.044715 * h.pow(3))))
+        return 0.5 * (1.0 + torch.erf(h * (1.0 / math.sqrt(2.0))))
+    if isinstance(act, nn.SiLU):
+        return torch.sigmoid(h)
+    if isinstance(act, nn.ReLU):
+        return (h > 0).to(h.dtype)
+    if isinstance(act, nn.Identity):
+        return torch.ones_like(h)
+    out = act(h)
+    safe = torch.where(h.abs() < 1e-12, torch.full_like(h, 1e-12), h)
+    return out / safe
+
+
+def identity_rule(g: Tensor, act: nn.Module, h: Tensor) -> Tensor:
+    """Identity rule for an element-wise non-linearity: g_h = g * act(h) / h."""
+    return g * activation_ratio(act, h)
+
+
+def attention_rule(
+    g_out: Tensor, q: Tensor, k: Tensor, v: Tensor, attn: Tensor, scale: float, rule: AttentionRule = "attnlrp"
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Rule VJP of `softmax(q k^T) v` (q already scaled) for one multi-head attention.
+
+    attnlrp: softmax keeps its true Jacobian (its DTD rule in gradient x input form); the two
+    bilinear products split relevance uniformly: v gets 1/2, the attention map 1/2, shared by q and
+    k equally (1/4 each). cp: CP-LRP, no relevance through q and k; v keeps its full gradient.
+    Returns the modified gradients at the *unscaled* q, at k and at v.
+    """
+    g_v = attn.transpose(-2, -1) @ g_out
+    if rule == "cp":
+        zeros = torch.zeros_like(q)
+        return zeros, zeros, g_v
+    if rule != "attnlrp":
+        raise ValueError(f"unknown attention rule {rule!r}; expected 'attnlrp' or 'cp'")
+    g_attn = g_out @ v.transpose(-2, -1)
+    g_scores = attn * (g_attn - (g_attn * attn).sum(dim=-1, keepdim=True))
+    g_q = (g_scores @ k) * (scale / 4.0)
+    g_k = (g_scores.transpose(-2, -1) @ q) / 4.0
+    return g_q, g_k, g_v / 2.0
