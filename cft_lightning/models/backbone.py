@@ -6,6 +6,7 @@ model by construction, and a checkpoint can always be matched with the weights i
 
 from __future__ import annotations
 
+import difflib
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,9 +50,9 @@ class BackboneSpec:
 def _check_name(name: str) -> None:
     arch = name.split(".", 1)[0]
     if not timm.is_model(arch):
-        close = timm.list_models(f"*{arch.split('_')[0]}*")[:8]
+        close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.75)
         hint = f" Similar names: {', '.join(close)}." if close else ""
-        raise BackboneError(f"backbone.name: timm has no model {name!r}.{hint}")
+        raise BackboneError(f"model.backbone.name: timm has no model {name!r}.{hint}")
 
 
 def build_backbone(spec: BackboneSpec) -> nn.Module:
@@ -60,16 +61,16 @@ def build_backbone(spec: BackboneSpec) -> nn.Module:
     kwargs: dict[str, Any] = dict(spec.model_kwargs)
     if spec.num_classes is not None:
         if spec.num_classes < 1:
-            raise BackboneError(f"backbone.num_classes must be positive, got {spec.num_classes}")
+            raise BackboneError(f"model.backbone.num_classes must be positive, got {spec.num_classes}")
         kwargs["num_classes"] = spec.num_classes
     pretrained = spec.pretrained or spec.checkpoint_path is not None
     if spec.checkpoint_path is not None:
         path = os.path.expanduser(spec.checkpoint_path)
         if not os.path.isfile(path):
-            raise BackboneError(f"backbone.checkpoint_path: no such file {path!r}")
+            raise BackboneError(f"model.backbone.checkpoint_path: no such file {path!r}")
         if not path.endswith(_WEIGHT_SUFFIXES):
             raise BackboneError(
-                f"backbone.checkpoint_path: {path!r} is not a weight file ({', '.join(_WEIGHT_SUFFIXES)})"
+                f"model.backbone.checkpoint_path: {path!r} is not a weight file ({', '.join(_WEIGHT_SUFFIXES)})"
             )
         kwargs["pretrained_cfg_overlay"] = dict(file=path)
     try:
@@ -77,7 +78,7 @@ def build_backbone(spec: BackboneSpec) -> nn.Module:
     except (RuntimeError, OSError, KeyError, ValueError) as err:
         if spec.checkpoint_path is not None:
             raise BackboneError(
-                f"backbone.checkpoint_path: could not load {spec.checkpoint_path!r} into {spec.name}: {err}"
+                f"model.backbone.checkpoint_path: could not load {spec.checkpoint_path!r} into {spec.name}: {err}"
             ) from err
         if pretrained:
             raise BackboneError(
@@ -89,8 +90,17 @@ def build_backbone(spec: BackboneSpec) -> nn.Module:
 
 
 def resolve_data_config(model: nn.Module) -> dict[str, Any]:
-    """timm's evaluation data config of `model` (input size, interpolation, mean, std, crop)."""
-    return dict(timm.data.resolve_data_config({}, model=model))
+    """timm's evaluation data config of `model` (input size, interpolation, mean, std, crop).
+
+    timm reads the input size from the pretrained config; a ViT built with another `img_size` (and no
+    dynamic size) only accepts that size, so the model's own patch-embedding size wins.
+    """
+    config = dict(timm.data.resolve_data_config({}, model=model))
+    embed = getattr(model, "patch_embed", None)
+    img_size = getattr(embed, "img_size", None)
+    if img_size is not None and not getattr(embed, "dynamic_img_size", False):
+        config["input_size"] = (config["input_size"][0], *tuple(img_size))
+    return config
 
 
 def freeze(model: nn.Module) -> nn.Module:

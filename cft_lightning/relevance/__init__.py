@@ -1,0 +1,16 @@
+"""Relevance (explanation) methods: the `RelevanceMethod` plugin seam. One file per method."""
+
+from cft_lightning.relevance._vit import UnsupportedModelError, explicit_attention
+from cft_lightning.relevance.attn_lrp import AttnLRP
+from cft_lightning.relevance.base import Relevance, RelevanceMethod, normalize_maps
+from cft_lightning.relevance.gradient_rollout import GradientRollout
+
+__all__ = [
+    "AttnLRP",
+    "GradientRollout",
+    "Relevance",
+    "RelevanceMethod",
+    "UnsupportedModelError",
+    "explicit_attention",
+    "normalize_maps",
+]

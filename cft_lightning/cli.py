@@ -1,0 +1,148 @@
+"""The `cft` command: LightningCLI over `GuidedFineTuner` and `GuidanceDataModule`.
+
+    cft fit --config configs/vit_b_cft.yaml
+    cft test --config configs/vit_b_cft.yaml --ckpt_path last
+    cft fit --config configs/smoke.yaml --print_config
+
+Every plugin (backbone, relevance method, regularizer, logger, callbacks) is chosen in YAML with
+`class_path`/`init_args`. Each run's resolved config is written beside its logs under a name no other
+run uses, with secrets redacted. Configuration and data errors end in one `cft: error: ...` line
+(`CFT_DEBUG=1` shows the traceback instead).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import sys
+from typing import Any, NoReturn
+
+import yaml
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+
+from cft_lightning.data.datamodule import GuidanceDataModule
+from cft_lightning.data.errors import DataError
+from cft_lightning.models.backbone import BackboneError
+from cft_lightning.models.fine_tuner import GuidedFineTuner
+from cft_lightning.relevance._vit import UnsupportedModelError
+
+__all__ = ["CFTCLI", "RunConfigSaver", "main", "redact"]
+
+_SECRET_KEY = re.compile(r"(api[_-]?key|secret|token|password|credential)", re.IGNORECASE)
+REDACTED = "<redacted>"
+
+
+def redact(config: Any) -> Any:
+    """A copy of a nested config with the values of secret-looking keys (api_key, token, ...) replaced."""
+    if isinstance(config, dict):
+        return {
+            k: (REDACTED if isinstance(k, str) and _SECRET_KEY.search(k) and v not in (None, "") else redact(v))
+            for k, v in config.items()
+        }
+    if isinstance(config, list):
+        return [redact(v) for v in config]
+    return config
+
+
+def _run_dir(trainer: Trainer) -> str:
+    """The directory of this run's logs: the logger's versioned dir, or save_dir/name/version for loggers
+    (like W&B) whose `log_dir` is shared between runs. Must be called on every rank (it broadcasts)."""
+    log_dir = trainer.log_dir or trainer.default_root_dir
+    logger = trainer.logger
+    if logger is not None and not hasattr(logger, "log_dir"):  # e.g. W&B: log_dir is the shared save_dir
+        version = getattr(logger, "version", None)
+        if version is not None:
+            log_dir = os.path.join(log_dir, str(getattr(logger, "name", "") or ""), str(version))
+    return log_dir
+
+
+def _free_path(directory: str, stem: str = "config") -> str:
+    path = os.path.join(directory, f"{stem}.yaml")
+    n = 1
+    while os.path.exists(path):
+        path = os.path.join(directory, f"{stem}-{n}.yaml")
+        n += 1
+    return path
+
+
+class RunConfigSaver(SaveConfigCallback):
+    """Writes the resolved config into the run's own directory (`config.yaml`; `config-<n>.yaml` if a resumed
+    or second stage of the same run already wrote one), never overwriting, with secrets redacted."""
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.already_saved:
+            return
+        run_dir = _run_dir(trainer)
+        if trainer.is_global_zero:
+            os.makedirs(run_dir, exist_ok=True)
+            config = redact(yaml.safe_load(self.parser.dump(self.config, skip_none=False)))
+            path = _free_path(run_dir)
+            tmp = f"{path}.tmp{os.getpid()}"
+            with open(tmp, "w") as fh:
+                yaml.safe_dump(config, fh, sort_keys=False)
+            os.replace(tmp, path)
+            self.saved_path = path
+            self.save_config(trainer, pl_module, stage)
+            self.already_saved = True
+        self.already_saved = trainer.strategy.broadcast(self.already_saved)
+
+
+def _newest_last_checkpoint(root: str) -> str | None:
+    candidates = glob.glob(os.path.join(root, "**", "last*.ckpt"), recursive=True)
+    return max(candidates, key=os.path.getmtime) if candidates else None
+
+
+class _Parser(LightningArgumentParser):
+    """Config errors as one short message (the full usage is `cft <subcommand> --help`)."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error or os.environ.get("CFT_DEBUG"):
+            super().error(message, ex)
+        prog = self.prog.replace(" [options]", "")
+        sys.stderr.write(f"cft: error: {message.strip()}\n(options: {prog} --help)\n")
+        raise SystemExit(2)
+
+
+class CFTCLI(LightningCLI):
+    """LightningCLI with the project's defaults and a `--ckpt_path last` that works across processes."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("save_config_callback", RunConfigSaver)
+        kwargs.setdefault("parser_kwargs", {"prog": "cft", "default_env": False})
+        kwargs.setdefault("auto_configure_optimizers", False)
+        kwargs.setdefault("parser_class", _Parser)
+        super().__init__(GuidedFineTuner, GuidanceDataModule, *args, **kwargs)
+
+    def before_instantiate_classes(self) -> None:
+        sub = self.config.get("subcommand")
+        if sub in ("validate", "test", "predict") and self.config[sub].get("ckpt_path") == "last":
+            root = self.config[sub].trainer.get("default_root_dir") or os.getcwd()
+            found = _newest_last_checkpoint(root)
+            if found is None:
+                raise DataError(
+                    f"--ckpt_path last: no last*.ckpt under {root!r} (trainer.default_root_dir); run `cft fit` "
+                    "with this config first, or pass the checkpoint's path"
+                )
+            print(f"cft: using checkpoint {found}", file=sys.stderr)
+            self.config[sub].ckpt_path = found
+
+
+_USER_ERRORS = (DataError, BackboneError, UnsupportedModelError, ValueError, KeyError, FileNotFoundError)
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the `cft` console script."""
+    try:
+        CFTCLI(args=args)
+    except _USER_ERRORS as err:
+        if os.environ.get("CFT_DEBUG"):
+            raise
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"cft: error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+"""`GuidedFineTuner`: the LightningModule that fine-tunes a timm backbone with a relevance-guided objective.
+
+It holds three plugins (the backbone spec, a `RelevanceMethod` and a `Regularizer`) and a frozen
+reference copy of the starting model. The reference is the "Original" column of every result table and
+the optional consistency target; it runs under `torch.inference_mode()`, is not a registered submodule
+(so it never enters a checkpoint or the DDP wrapper) and follows the module across devices and dtypes.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from cft_lightning.models.backbone import BackboneSpec, build_backbone, freeze, resolve_data_config
+from cft_lightning.regularizers.base import Regularizer, RegularizerOutput
+from cft_lightning.relevance.base import RelevanceMethod
+
+__all__ = ["GuidedFineTuner", "NonFiniteLossError"]
+
+_STAGES = ("train", "val", "test")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss or gradient became NaN/inf; raised before the optimizer step, so no checkpoint gets it."""
+
+
+def _plugin_config(obj: Any) -> dict[str, Any]:
+    cls = type(obj)
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": {
+        k: v for k, v in vars(obj).items() if not k.startswith("_") and k != "required_masks"
+    }}
+
+
+class GuidedFineTuner(L.LightningModule):
+    """Fine-tunes `backbone` with `regularizer` (which may guide the `relevance` maps), logging every loss term
+    and the top-1/top-5 accuracy of the fine-tuned model and of its frozen starting point."""
+
+    def __init__(
+        self,
+        backbone: BackboneSpec,
+        regularizer: Regularizer,
+        relevance: RelevanceMethod | None = None,
+        lr: float = 5e-7,
+        weight_decay: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.999),
+        lr_step_size: int = 2,
+        lr_gamma: float = 0.85,
+        track_reference: bool = True,
+    ) -> None:
+        """
+        Args:
+            backbone: the timm model and its starting weights.
+            regularizer: the training objective (`CFT`, `ObjectMaskGuidance`, `PlainFineTuning`, ...).
+            relevance: the relevance method the objective guides (`AttnLRP`, `GradientRollout`); unused by
+                objectives without a relevance term.
+            lr: AdamW learning rate (paper Table 8: ViT-B 5e-7, DeiT-III 8e-7, DINOv2 6e-7, ConvNeXt-V2 3e-6).
+            weight_decay: AdamW weight decay (1e-4 in the CFT and RobustViT code).
+            betas: AdamW betas.
+            lr_step_size: epochs between learning-rate decays (the release: lr * 0.85 ** (epoch // 2)).
+                0 keeps the learning rate constant.
+            lr_gamma: decay factor of each step.
+            track_reference: keep the frozen reference (its accuracy is logged beside the model's, and
+                `consistency_target: reference` needs it). False saves its memory and forward passes.
+        """
+        super().__init__()
+        if lr <= 0:
+            raise ValueError(f"model.lr must be positive, got {lr}")
+        if lr_step_size < 0 or not 0 < lr_gamma <= 1:
+            raise ValueError(f"model.lr_step_size must be >= 0 and lr_gamma in (0, 1]; got {lr_step_size}, {lr_gamma}")
+        if getattr(regularizer, "needs_relevance", False) and relevance is None:
+            raise ValueError(f"model.regularizer {type(regularizer).__name__} needs model.relevance to be set")
+        if _given_hyperparameters.get() is not None:
+            self.save_hyperparameters()  # under the CLI: the plain config dict (checkpoint-loadable)
+        else:
+            self.save_hyperparameters(ignore=["backbone", "regularizer", "relevance"])
+            self.hparams.update(backbone=asdict(backbone), regularizer=_plugin_config(regularizer),
+                                relevance=None if relevance is None else _plugin_config(relevance))
+        self.backbone_spec = backbone
+        self.backbone = build_backbone(backbone)
+        self.regularizer = regularizer
+        self.relevance = relevance
+        self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
+        self.lr_step_size, self.lr_gamma = lr_step_size, lr_gamma
+        self.num_classes = int(self.backbone.num_classes)
+        self.data_config = resolve_data_config(self.backbone)
+        # Not a submodule: excluded from state_dict, parameters(), DDP; moved along in `_apply`.
+        reference = freeze(copy.deepcopy(self.backbone)) if track_reference else None
+        object.__setattr__(self, "_reference", reference)
+        top5 = min(5, self.num_classes)
+        self.metrics = nn.ModuleDict({
+            f"{stage}_{who}": MetricCollection({
+                "acc1": MulticlassAccuracy(self.num_classes, top_k=1, average="micro"),
+                "acc5": MulticlassAccuracy(self.num_classes, top_k=top5, average="micro"),
+            }) for stage in _STAGES for who in ("model", "ref")
+        })
+        self._warned_inference = False
+
+    # ------------------------------------------------------------------ reference model
+    @property
+    def reference(self) -> nn.Module | None:
+        """The frozen starting model (None with `track_reference: false`)."""
+        return self._reference
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], *args: Any, **kwargs: Any) -> GuidedFineTuner:
+        super()._apply(fn, *args, **kwargs)
+        if self._reference is not None:
+            self._reference._apply(fn, *args, **kwargs)
+        return self
+
+    def train(self, mode: bool = True) -> GuidedFineTuner:
+        super().train(mode)
+        if self._reference is not None:
+            self._reference.eval()
+        return self
+
+    def reference_logits(self, images: Tensor) -> Tensor | None:
+        """Logits of the frozen reference, computed under inference mode (a plain tensor is returned)."""
+        if self._reference is None:
+            return None
+        with torch.inference_mode():
+            logits = self._reference(images)
+        return logits.clone()  # a normal tensor, safe to use as a target in autograd-tracked code
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.backbone(images)
+
+    # ------------------------------------------------------------------ setup checks
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None:
+            return
+        n_data = getattr(datamodule, "num_classes", None)
+        if n_data is not None and n_data > self.num_classes:
+            raise ValueError(
+                f"the data has {n_data} classes but the backbone head has {self.num_classes}: set "
+                f"model.backbone.num_classes: {n_data} (or use an ImageNet-indexed class list with a 1000-class head)"
+            )
+        if stage == "fit":
+            available = set(getattr(datamodule, "mask_kinds", None) or [])
+            missing = [k for k in getattr(self.regularizer, "required_masks", ()) if k not in available]
+            if missing:
+                raise ValueError(
+                    f"model.regularizer {type(self.regularizer).__name__} needs mask kinds {missing}, but "
+                    f"data.mask_kinds is {sorted(available)}: add them and set data.masks to a mask store"
+                )
+
+    # ------------------------------------------------------------------ steps
+    def _log_terms(self, stage: str, out: RegularizerOutput, batch_size: int) -> None:
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", out.total.detach(), on_step=on_step, on_epoch=True, prog_bar=True,
+                 batch_size=batch_size, sync_dist=not on_step)
+        for name, value in out.terms.items():
+            self.log(f"{stage}/{name}", value.detach(), on_step=on_step, on_epoch=True,
+                     batch_size=batch_size, sync_dist=not on_step)
+
+    def _log_accuracy(self, stage: str, logits: Tensor | None, ref_logits: Tensor | None, labels: Tensor) -> None:
+        for who, values in (("model", logits), ("ref", ref_logits)):
+            if values is None:
+                continue
+            metrics = self.metrics[f"{stage}_{who}"]
+            metrics.update(values.detach(), labels)
+            prefix = f"{stage}/" if who == "model" else f"{stage}/ref_"
+            self.log_dict({f"{prefix}{k}": m for k, m in metrics.items()}, on_step=False, on_epoch=True,
+                          prog_bar=stage != "train" and who == "model", batch_size=labels.numel())
+
+    def _check_finite(self, out: RegularizerOutput, batch: dict[str, Any], batch_idx: int) -> None:
+        bad = [n for n, v in {"total": out.total, **out.terms}.items() if not torch.isfinite(v).all()]
+        if bad:
+            paths = list(batch.get("path") or [])
+            raise NonFiniteLossError(
+                f"non-finite loss term(s) {bad} at epoch {self.current_epoch}, batch {batch_idx} "
+                f"(images: {paths}); stopped before the optimizer step, the last checkpoint is untouched"
+            )
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        labels = batch["label"]
+        ref_logits = self.reference_logits(batch["image"])
+        out = self.regularizer(batch, self.backbone, self.relevance, ref_logits)
+        self._check_finite(out, batch, batch_idx)
+        self._log_terms("train", out, labels.numel())
+        self._log_accuracy("train", out.logits, ref_logits, labels)
+        return out.total
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        for name, param in self.backbone.named_parameters():
+            if param.grad is not None and not torch.isfinite(param.grad).all():
+                raise NonFiniteLossError(
+                    f"non-finite gradient in backbone.{name} at epoch {self.current_epoch}, "
+                    f"step {self.global_step}; stopped before the optimizer step, the last checkpoint is untouched"
+                )
+
+    def _guided_eval_possible(self, batch: dict[str, Any]) -> bool:
+        if not getattr(self.regularizer, "needs_relevance", False):
+            return True
+        if torch.is_inference_mode_enabled():
+            if not self._warned_inference:
+                rank_zero_warn(
+                    "validation runs under inference mode, so the relevance loss cannot be computed; only "
+                    "accuracy is logged. Set trainer.inference_mode: false to log val/loss."
+                )
+                self._warned_inference = True
+            return False
+        masks = batch.get("masks") or {}
+        return all(k in masks for k in getattr(self.regularizer, "required_masks", ()))
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        labels = batch["label"]
+        ref_logits = self.reference_logits(batch["image"])
+        if self._guided_eval_possible(batch):
+            with torch.enable_grad():
+                out = self.regularizer(batch, self.backbone, self.relevance, ref_logits)
+            out = RegularizerOutput(
+                total=out.total.detach(), terms={k: v.detach() for k, v in out.terms.items()},
+                logits=None if out.logits is None else out.logits.detach(),
+            )
+            self._log_terms("val", out, labels.numel())
+            logits = out.logits
+        else:
+            logits = self.backbone(batch["image"])
+        self._log_accuracy("val", logits, ref_logits, labels)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        labels = batch["label"]
+        self._log_accuracy("test", self.backbone(batch["image"]), self.reference_logits(batch["image"]), labels)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        logits = self.backbone(batch["image"])
+        out: dict[str, Any] = {"path": batch.get("path"), "logits": logits, "pred": logits.argmax(dim=1)}
+        ref_logits = self.reference_logits(batch["image"])
+        if ref_logits is not None:
+            out["ref_pred"] = ref_logits.argmax(dim=1)
+        return out
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [p for p in self.backbone.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas)
+        if self.lr_step_size == 0 or math.isclose(self.lr_gamma, 1.0):
+            return {"optimizer": optimizer}
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=self.lr_step_size, gamma=self.lr_gamma)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
