@@ -51,7 +51,7 @@ def _run_dir(trainer: Trainer) -> str:
     (like W&B) whose `log_dir` is shared between runs. Must be called on every rank (it broadcasts)."""
     log_dir = trainer.log_dir or trainer.default_root_dir
     logger = trainer.logger
-    if logger is not None and not hasattr(logger, "log_dir"):  # e.g. W&B: log_dir is the shared save_dir
+    if logger is not None and getattr(logger, "log_dir", None) is None:  # e.g. W&B: trainer.log_dir is save_dir
         version = getattr(logger, "version", None)
         if version is not None:
             log_dir = os.path.join(log_dir, str(getattr(logger, "name", "") or ""), str(version))

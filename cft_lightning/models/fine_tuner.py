@@ -88,6 +88,8 @@ class GuidedFineTuner(L.LightningModule):
                                 relevance=None if relevance is None else _plugin_config(relevance))
         self.backbone_spec = backbone
         self.backbone = build_backbone(backbone)
+        if relevance is not None and getattr(regularizer, "needs_relevance", False):
+            relevance.check_model(self.backbone)  # fail at start-up, not at the first step
         self.regularizer = regularizer
         self.relevance = relevance
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)

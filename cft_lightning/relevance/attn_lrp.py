@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from cft_lightning.relevance._vit import BlockRecord, NormRecord, ViTTrace, trace_vit
+from cft_lightning.relevance._vit import BlockRecord, NormRecord, ViTTrace, check_vit, trace_vit
 from cft_lightning.relevance.base import Normalization, RelevanceMethod, resolve_targets
 from cft_lightning.relevance.rules import (
     AttentionRule,
@@ -92,6 +92,9 @@ class AttnLRP(RelevanceMethod):
         if attention_rule not in ("attnlrp", "cp"):
             raise ValueError(f"attention_rule must be 'attnlrp' or 'cp', got {attention_rule!r}")
         self.attention_rule = attention_rule
+
+    def check_model(self, model: nn.Module) -> None:
+        check_vit(model)
 
     def explain(
         self, model: nn.Module, images: Tensor, targets: Tensor | None, *, differentiable: bool

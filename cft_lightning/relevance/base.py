@@ -120,6 +120,13 @@ class RelevanceMethod(ABC):
         maps = normalize_maps(raw, self.normalize, self.eps)
         return Relevance(maps=maps, raw=raw, logits=logits, targets=targets)
 
+    def check_model(self, model: nn.Module) -> None:
+        """Raise `UnsupportedModelError` if this method cannot explain `model` (called once, before training).
+
+        The default accepts every model; methods tied to an architecture override it.
+        """
+        return None
+
     @abstractmethod
     def explain(
         self, model: nn.Module, images: Tensor, targets: Tensor | None, *, differentiable: bool

@@ -17,6 +17,16 @@ from cft_lightning.relevance._vit import UnsupportedModelError, explicit_attenti
 from cft_lightning.relevance.base import Normalization, RelevanceMethod, resolve_targets
 
 
+def _attention_drops(model: nn.Module) -> list[nn.Module]:
+    """The `attn_drop` modules of timm attention layers, whose outputs are the post-softmax maps."""
+    drops = [m.attn_drop for m in model.modules() if hasattr(m, "fused_attn") and hasattr(m, "attn_drop")]
+    if not drops:
+        raise UnsupportedModelError(f"{type(model).__name__} has no timm attention modules to read maps from")
+    if any(d.training and d.p > 0 for d in drops):
+        raise UnsupportedModelError("attention dropout is active: build the backbone with attn_drop_rate=0")
+    return drops
+
+
 class GradientRollout(RelevanceMethod):
     """Chefer-style gradient-weighted rollout for timm ViTs, attention gradients held constant."""
 
@@ -31,15 +41,14 @@ class GradientRollout(RelevanceMethod):
         """
         super().__init__(normalize=normalize, eps=eps)
 
+    def check_model(self, model: nn.Module) -> None:
+        _attention_drops(model)
+
     def explain(
         self, model: nn.Module, images: Tensor, targets: Tensor | None, *, differentiable: bool
     ) -> tuple[Tensor, Tensor, Tensor]:
         maps: list[Tensor] = []
-        drops = [m.attn_drop for m in model.modules() if hasattr(m, "fused_attn") and hasattr(m, "attn_drop")]
-        if not drops:
-            raise UnsupportedModelError(f"{type(model).__name__} has no timm attention modules to read maps from")
-        if any(d.training and d.p > 0 for d in drops):
-            raise UnsupportedModelError("attention dropout is active: build the backbone with attn_drop_rate=0")
+        drops = _attention_drops(model)
         # A frozen model (no parameter and no image requires grad) gives maps outside any graph: make them
         # leaves that require grad so dy/dA still exists (the same tensor object is used downstream).
         handles = [
