@@ -1,0 +1,30 @@
+"""Every notebook's code cells run top to bottom (in a temporary working directory, headless)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("matplotlib")
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.setattr(sys, "argv", ["notebook"])
+    (tmp_path / "configs").symlink_to(path.parents[1] / "configs")
+    monkeypatch.chdir(tmp_path)
+    cells = json.loads(path.read_text())["cells"]
+    namespace: dict = {"__name__": "__main__"}
+    for i, cell in enumerate(c for c in cells if c["cell_type"] == "code"):
+        source = "".join(cell["source"])
+        exec(compile(source, f"{path.name}[code cell {i}]", "exec"), namespace)  # noqa: S102
+    assert os.path.isdir(tmp_path / "runs" / "notebook")
+    results = namespace["results"]
+    assert {"test/acc1", "test/ref_acc1"} <= set(results)
+    assert namespace["tuned"].shape == namespace["original"].shape
