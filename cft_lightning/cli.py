@@ -16,6 +16,7 @@ import glob
 import os
 import re
 import sys
+import warnings
 from typing import Any, NoReturn
 
 import yaml
@@ -134,6 +135,8 @@ _USER_ERRORS = (DataError, BackboneError, UnsupportedModelError, ValueError, Key
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of the `cft` console script."""
+    # Lightning 2.6 calls a pytree API that torch >= 2.10 deprecates: noise for every user, nothing to act on.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     try:
         CFTCLI(args=args)
     except _USER_ERRORS as err:

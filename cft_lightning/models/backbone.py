@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,7 +16,14 @@ import timm
 import torch
 from torch import nn
 
-__all__ = ["BackboneError", "BackboneSpec", "build_backbone", "resolve_data_config"]
+__all__ = [
+    "BackboneError",
+    "BackboneSpec",
+    "build_backbone",
+    "load_weight_file",
+    "read_state_dict",
+    "resolve_data_config",
+]
 
 _WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
 
@@ -33,9 +41,9 @@ class BackboneSpec:
             (the weights the CFT release loads; timm's untagged default is a different model).
         pretrained: load pretrained weights (from the Hugging Face hub, or `checkpoint_path` when set).
             `false` gives random weights (tests, from-scratch runs).
-        checkpoint_path: a local weight file in the hub's format (a timm/HF `state_dict` as `.pth`, `.bin` or
-            `.safetensors`) used instead of downloading. The classifier is re-created when `num_classes`
-            differs from the file's head.
+        checkpoint_path: a local weight file used instead of downloading: a timm `state_dict` (`.pth`, `.pt`,
+            `.bin`, `.safetensors`) or a `cft fit` checkpoint (`.ckpt`). Loaded strictly, except that a
+            classifier of another size than `num_classes` is left freshly initialised.
         num_classes: size of the classifier head; `null` keeps the pretrained head (1000 for ImageNet models).
         model_kwargs: extra keyword arguments for `timm.create_model` (e.g. `img_size`, `drop_path_rate`).
     """
@@ -63,30 +71,95 @@ def build_backbone(spec: BackboneSpec) -> nn.Module:
         if spec.num_classes < 1:
             raise BackboneError(f"model.backbone.num_classes must be positive, got {spec.num_classes}")
         kwargs["num_classes"] = spec.num_classes
-    pretrained = spec.pretrained or spec.checkpoint_path is not None
     if spec.checkpoint_path is not None:
-        path = os.path.expanduser(spec.checkpoint_path)
-        if not os.path.isfile(path):
-            raise BackboneError(f"model.backbone.checkpoint_path: no such file {path!r}")
-        if not path.endswith(_WEIGHT_SUFFIXES):
-            raise BackboneError(
-                f"model.backbone.checkpoint_path: {path!r} is not a weight file ({', '.join(_WEIGHT_SUFFIXES)})"
-            )
-        kwargs["pretrained_cfg_overlay"] = dict(file=path)
+        path = _check_weight_file(spec.checkpoint_path)
+        model = timm.create_model(spec.name, pretrained=False, **kwargs)
+        load_weight_file(model, path)
+        return model
     try:
-        model = timm.create_model(spec.name, pretrained=pretrained, **kwargs)
+        return timm.create_model(spec.name, pretrained=spec.pretrained, **kwargs)
     except (RuntimeError, OSError, KeyError, ValueError) as err:
-        if spec.checkpoint_path is not None:
+        if not spec.pretrained:
+            raise
+        raise BackboneError(
+            f"could not fetch pretrained weights for {spec.name!r} ({type(err).__name__}: {err}). Offline? "
+            "Set model.backbone.checkpoint_path to a local weight file, or model.backbone.pretrained: false."
+        ) from err
+
+
+def _check_weight_file(checkpoint_path: str) -> str:
+    path = os.path.expanduser(checkpoint_path)
+    if not os.path.isfile(path):
+        raise BackboneError(f"model.backbone.checkpoint_path: no such file {path!r}")
+    if not path.endswith(_WEIGHT_SUFFIXES):
+        raise BackboneError(
+            f"model.backbone.checkpoint_path: {path!r} is not a weight file ({', '.join(_WEIGHT_SUFFIXES)})"
+        )
+    return path
+
+
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """Tensors of a weight file: a plain or wrapped (`state_dict`/`model`) torch file, safetensors, or a
+    `cft fit` checkpoint (whose `backbone.` prefix is removed)."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state: Any = load_file(path, device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unreadable, truncated, pickled objects: all the user can act on is the file
+        raise BackboneError(f"model.backbone.checkpoint_path: cannot read {path!r}: {err}") from err
+    for key in ("state_dict", "model", "module"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise BackboneError(f"model.backbone.checkpoint_path: {path!r} holds no state_dict of tensors")
+    for prefix in ("backbone.", "module."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def load_weight_file(model: nn.Module, path: str) -> None:
+    """Load a local weight file into `model` strictly, except for a classifier of another size, which is
+    kept as created (e.g. a 1000-class file into a 10-class model).
+
+    timm's own `pretrained_cfg_overlay=dict(file=...)` route compares `num_classes` with the *pretrained
+    config* (0 for DINOv2) rather than with the file, so it can drop a file's valid head and then load the
+    rest non-strictly; this loader compares with the file. The model family's `checkpoint_filter_fn`
+    (position-embedding resampling, key conversion) is applied when timm has one.
+    """
+    state = read_state_dict(path)
+    filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        try:
+            state = filter_fn(state, model)
+        except Exception as err:
             raise BackboneError(
-                f"model.backbone.checkpoint_path: could not load {spec.checkpoint_path!r} into {spec.name}: {err}"
+                f"model.backbone.checkpoint_path: {path!r} does not fit {type(model).__name__}: {err}"
             ) from err
-        if pretrained:
-            raise BackboneError(
-                f"could not fetch pretrained weights for {spec.name!r} ({type(err).__name__}: {err}). "
-                "Offline? Set backbone.checkpoint_path to a local weight file, or backbone.pretrained: false."
-            ) from err
-        raise
-    return model
+    own = model.state_dict()
+    classifiers = model.pretrained_cfg.get("classifier") or ()
+    classifiers = (classifiers,) if isinstance(classifiers, str) else tuple(classifiers)
+    head_keys = {k for k in own if any(k == c or k.startswith(f"{c}.") for c in classifiers)}
+    kept_head = set()
+    for key in head_keys:
+        if key in state and state[key].shape != own[key].shape:
+            del state[key]
+            kept_head.add(key)
+    mismatched = [k for k in own if k in state and state[k].shape != own[k].shape]
+    missing = [k for k in own if k not in state and k not in kept_head]
+    unexpected = [k for k in state if k not in own]
+    if mismatched or missing or unexpected:
+        parts = [f"{name} {keys[:4]}{' ...' if len(keys) > 4 else ''}" for name, keys in
+                 (("shape mismatch", mismatched), ("missing", missing), ("unexpected", unexpected)) if keys]
+        raise BackboneError(
+            f"model.backbone.checkpoint_path: {path!r} does not fit {type(model).__name__} "
+            f"({model.pretrained_cfg.get('architecture', '')}): " + "; ".join(parts)
+        )
+    model.load_state_dict(state, strict=False)
 
 
 def resolve_data_config(model: nn.Module) -> dict[str, Any]:
@@ -96,9 +169,8 @@ def resolve_data_config(model: nn.Module) -> dict[str, Any]:
     dynamic size) only accepts that size, so the model's own patch-embedding size wins.
     """
     config = dict(timm.data.resolve_data_config({}, model=model))
-    embed = getattr(model, "patch_embed", None)
-    img_size = getattr(embed, "img_size", None)
-    if img_size is not None and not getattr(embed, "dynamic_img_size", False):
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if img_size is not None and not getattr(model, "dynamic_img_size", False):
         config["input_size"] = (config["input_size"][0], *tuple(img_size))
     return config
 

@@ -85,7 +85,7 @@ def masks_to_grid(masks: Tensor, size: tuple[int, int]) -> Tensor:
     """
     if masks.dim() != 3:
         raise ValueError(f"masks must be (B, H, W), got shape {tuple(masks.shape)}")
-    masks = masks.float()
+    masks = masks if masks.is_floating_point() else masks.float()
     if tuple(masks.shape[-2:]) == tuple(size):
         return masks
     return F.adaptive_avg_pool2d(masks.unsqueeze(1), size).squeeze(1)

@@ -69,6 +69,7 @@ class CFT(Regularizer):
     """
 
     needs_relevance = True
+    required_masks = ("concept",)  # instances: (mask_kind,)
 
     def __init__(
         self,

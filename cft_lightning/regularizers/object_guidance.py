@@ -17,5 +17,7 @@ class ObjectMaskGuidance(CFT):
     """The CFT loss on object masks instead of concept masks (the paper's "Segmentation" ablation,
     RobustViT-style guidance with CFT's loss). Same weights and switches as `CFT`."""
 
+    required_masks = ("object",)
+
     def __init__(self, *args: Any, mask_kind: str = "object", **kwargs: Any) -> None:
         super().__init__(*args, mask_kind=mask_kind, **kwargs)

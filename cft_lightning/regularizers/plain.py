@@ -30,6 +30,8 @@ class PlainFineTuning(Regularizer):
         """
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
+        if consistency_target not in ("self", "reference", "label"):
+            raise ValueError(f"unknown consistency_target {consistency_target!r}; expected self|reference|label")
         self.consistency_target: ConsistencyTarget = consistency_target
         self.temperature = temperature
 
