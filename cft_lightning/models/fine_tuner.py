@@ -178,10 +178,14 @@ class GuidedFineTuner(L.LightningModule):
 
     def _check_finite(self, out: RegularizerOutput, batch: dict[str, Any], batch_idx: int) -> None:
         bad = [n for n, v in {"total": out.total, **out.terms}.items() if not torch.isfinite(v).all()]
-        if bad:
+        finite = not bad
+        if self._trainer is not None:  # under DDP every rank must stop together, not hang in the all-reduce
+            finite = self._trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if not finite:
             paths = list(batch.get("path") or [])
+            where = f"loss term(s) {bad}" if bad else "a loss on another DDP rank"
             raise NonFiniteLossError(
-                f"non-finite loss term(s) {bad} at epoch {self.current_epoch}, batch {batch_idx} "
+                f"non-finite {where} at epoch {self.current_epoch}, batch {batch_idx} "
                 f"(images: {paths}); stopped before the optimizer step, the last checkpoint is untouched"
             )
 
