@@ -32,7 +32,6 @@ from cft_lightning.smoke_data import generate
 
 NUM_CLASSES = 3
 TINY = {"img_size": 32, "patch_size": 8, "depth": 2}
-NO_TRAINER_LOG = "ignore:You are trying to `self.log\\(\\)`:UserWarning"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -111,6 +110,7 @@ def trainer(tmp_path: Path, **overrides: Any) -> L.Trainer:
     kwargs: dict[str, Any] = dict(
         accelerator="cpu",
         devices=1,
+        default_root_dir=tmp_path,  # nothing may land in the working directory (e.g. with logger=False)
         max_epochs=1,
         inference_mode=False,
         logger=CSVLogger(tmp_path),
@@ -136,6 +136,21 @@ def accuracy(module: nn.Module, loader: Any) -> float:
             correct += int((module(batch["image"]).argmax(1) == batch["label"]).sum())
             total += batch["label"].numel()
     return correct / total
+
+
+def constant_head(vit: nn.Module, cls: int) -> None:
+    """Make a ViT predict class `cls` for every image."""
+    with torch.no_grad():
+        vit.head.weight.zero_()
+        vit.head.bias.zero_()
+        vit.head.bias[cls] = 10.0
+
+
+def constant_accuracy(loader: Any, cls: int, n: int = 3) -> float:
+    """Accuracy of the constant prediction `cls` on the first `n` images of `loader` (labels [0, 0, 1])."""
+    labels = torch.cat([batch["label"] for batch in loader])[:n]
+    assert labels.tolist() == [0, 0, 1]
+    return float((labels == cls).float().mean())
 
 
 def is_plain(value: Any) -> bool:
@@ -180,12 +195,11 @@ def test_reference_is_frozen_and_always_in_eval_mode():
         assert model.train(mode) is model
         assert model.training is mode and model.backbone.training is mode
         assert all(not m.training for m in ref.modules())
-    model.eval()
+    ref.train()  # someone flips the reference: the module's next train/eval call puts it back
     model.train()
-    assert model.backbone.training and not ref.training
+    assert model.backbone.training and all(not m.training for m in ref.modules())
 
 
-@pytest.mark.filterwarnings(NO_TRAINER_LOG)
 def test_reference_starts_as_the_backbone_and_stays_fixed_while_the_backbone_trains():
     model = cft_model()
     ref = model.reference
@@ -274,10 +288,8 @@ class ForwardCounter:
 
     def __init__(self, vit: nn.Module) -> None:
         self.entries = self.exits = 0
-        self._handles = [
-            vit.patch_embed.register_forward_pre_hook(lambda *_: self._add("entries")),
-            vit.head.register_forward_hook(lambda *_: self._add("exits")),
-        ]
+        vit.patch_embed.register_forward_pre_hook(lambda *_: self._add("entries"))
+        vit.head.register_forward_hook(lambda *_: self._add("exits"))
 
     def _add(self, name: str) -> None:
         setattr(self, name, getattr(self, name) + 1)
@@ -285,12 +297,7 @@ class ForwardCounter:
     def counts(self) -> tuple[int, int]:
         return self.entries, self.exits
 
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
 
-
-@pytest.mark.filterwarnings(NO_TRAINER_LOG)
 @pytest.mark.parametrize("track_reference", [True, False], ids=["ref", "noref"])
 @pytest.mark.parametrize(
     "make",
@@ -370,8 +377,8 @@ def test_fit_logs_all_terms_and_accuracies(smoke_data: Path, tmp_path: Path):
 
 def test_validation_under_inference_mode_logs_accuracy_and_warns_once(smoke_data: Path, tmp_path: Path):
     model = cft_model()
-    dm = datamodule(smoke_data)
-    tr = trainer(tmp_path, inference_mode=True, limit_train_batches=1)
+    dm = datamodule(smoke_data, eval_batch_size=1)
+    tr = trainer(tmp_path, inference_mode=True, limit_train_batches=1, limit_val_batches=3)
     # Lightning runs the validation inside `fit` under no_grad whatever `inference_mode` says, so the guided
     # validation loss is computed there; only `trainer.validate/test/predict` use torch.inference_mode.
     with warnings.catch_warnings(record=True) as fit_record:
@@ -380,15 +387,25 @@ def test_validation_under_inference_mode_logs_accuracy_and_warns_once(smoke_data
     assert not [w for w in fit_record if "inference mode" in str(w.message)]
     assert "val/loss" in tr.callback_metrics and "val/acc1" in tr.callback_metrics
 
+    # tell the two models apart: the backbone always predicts class 0, the reference class 2
+    constant_head(model.backbone, 0)
+    constant_head(model.reference, 2)
+    want, want_ref = constant_accuracy(dm.val_dataloader(), 0), constant_accuracy(dm.val_dataloader(), 2)
+    assert want != want_ref
     with pytest.warns(UserWarning, match="inference mode") as record:
         (result,) = tr.validate(model, datamodule=dm, verbose=False)
     assert sum("relevance loss cannot be computed" in str(w.message) for w in record) == 1  # once, not per batch
     for key in ("val/acc1", "val/acc5", "val/ref_acc1", "val/ref_acc5"):
         assert key in result and math.isfinite(result[key]), key
     assert not [k for k in result if k.split("/")[-1] in TRAIN_TERMS]
-    model.eval()
-    assert result["val/acc1"] == pytest.approx(accuracy(model.backbone, dm.val_dataloader()))
-    assert result["val/ref_acc1"] == pytest.approx(accuracy(model.reference, dm.val_dataloader()))
+    assert result["val/acc1"] == pytest.approx(want) and result["val/ref_acc1"] == pytest.approx(want_ref)
+    assert result["val/acc5"] == 1.0 and result["val/ref_acc5"] == 1.0
+
+    # with autograd available, `validate` computes the guided loss and takes the accuracy from that same pass
+    (guided,) = trainer(tmp_path, limit_val_batches=3).validate(model, datamodule=dm, verbose=False)
+    for term in TRAIN_TERMS:
+        assert math.isfinite(guided[f"val/{term}"]), term
+    assert guided["val/acc1"] == pytest.approx(want) and guided["val/ref_acc1"] == pytest.approx(want_ref)
 
 
 def test_fit_without_reference_logs_no_reference_metrics(smoke_data: Path, tmp_path: Path):
@@ -417,6 +434,16 @@ def test_test_step_logs_model_and_reference_accuracy(smoke_data: Path, tmp_path:
     model.eval()
     assert result["test/acc1"] == pytest.approx(accuracy(model.backbone, dm.test_dataloader()))
     # top-5 over 3 classes is top-3, which is always right
+    assert result["test/acc5"] == 1.0 and result["test/ref_acc5"] == 1.0
+
+    # the model's and the reference's accuracies are logged under their own names (on one batch of [0, 0, 1])
+    constant_head(model.backbone, 0)
+    constant_head(model.reference, 2)
+    want, want_ref = constant_accuracy(dm.test_dataloader(), 0), constant_accuracy(dm.test_dataloader(), 2)
+    assert want != want_ref
+    tr = trainer(tmp_path, inference_mode=True, limit_test_batches=1)
+    (result,) = tr.test(model, datamodule=dm, verbose=False)
+    assert result["test/acc1"] == pytest.approx(want) and result["test/ref_acc1"] == pytest.approx(want_ref)
     assert result["test/acc5"] == 1.0 and result["test/ref_acc5"] == 1.0
 
 
@@ -675,3 +702,23 @@ def test_trainer_checkpoint_loads_with_weights_only(smoke_data: Path, tmp_path: 
     with torch.no_grad():
         torch.testing.assert_close(restored(x), model(x))
     torch.testing.assert_close(restored.reference_logits(x), model.reference_logits(x))
+
+    # ... and so does Lightning's own loader, from the plain-data hparams alone
+    torch.manual_seed(0)
+    loaded = GuidedFineTuner.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+    assert isinstance(loaded.regularizer, CFT) and isinstance(loaded.relevance, AttnLRP)
+    loaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_reference_consistency_without_reference_is_rejected():
+    with pytest.raises(ValueError, match="track_reference"):
+        GuidedFineTuner(spec(), CFT(consistency_target="reference"), AttnLRP(), track_reference=False)
+    with pytest.raises(ValueError, match="track_reference"):
+        GuidedFineTuner(spec(), PlainFineTuning(consistency_target="reference"), track_reference=False)
+
+
+def test_single_output_head_is_rejected_with_the_config_key():
+    with pytest.raises(ValueError, match="model.backbone.num_classes"):
+        plain_model(num_classes=1)

@@ -9,6 +9,7 @@ the optional consistency target; it runs under `torch.inference_mode()`, is not 
 from __future__ import annotations
 
 import copy
+import importlib
 import math
 from collections.abc import Callable
 from dataclasses import asdict
@@ -33,6 +34,15 @@ _STAGES = ("train", "val", "test")
 
 class NonFiniteLossError(FloatingPointError):
     """A loss or gradient became NaN/inf; raised before the optimizer step, so no checkpoint gets it."""
+
+
+def _from_config(value: Any) -> Any:
+    """A plugin given as `{"class_path": ..., "init_args": {...}}` (hparams of a checkpoint), instantiated."""
+    if not (isinstance(value, dict) and "class_path" in value):
+        return value
+    module_name, _, class_name = value["class_path"].rpartition(".")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    return cls(**value.get("init_args", {}))
 
 
 def _plugin_config(obj: Any) -> dict[str, Any]:
@@ -74,12 +84,17 @@ class GuidedFineTuner(L.LightningModule):
                 `consistency_target: reference` needs it). False saves its memory and forward passes.
         """
         super().__init__()
+        # Checkpoints saved outside the CLI store the plugins as plain data (see below): accept that form too.
+        backbone = BackboneSpec(**backbone) if isinstance(backbone, dict) else backbone
+        regularizer, relevance = _from_config(regularizer), _from_config(relevance)
         if lr <= 0:
             raise ValueError(f"model.lr must be positive, got {lr}")
         if lr_step_size < 0 or not 0 < lr_gamma <= 1:
             raise ValueError(f"model.lr_step_size must be >= 0 and lr_gamma in (0, 1]; got {lr_step_size}, {lr_gamma}")
         if getattr(regularizer, "needs_relevance", False) and relevance is None:
             raise ValueError(f"model.regularizer {type(regularizer).__name__} needs model.relevance to be set")
+        if getattr(regularizer, "consistency_target", None) == "reference" and not track_reference:
+            raise ValueError("model.regularizer consistency_target 'reference' needs model.track_reference: true")
         if _given_hyperparameters.get() is not None:
             self.save_hyperparameters()  # under the CLI: the plain config dict (checkpoint-loadable)
         else:
@@ -95,6 +110,11 @@ class GuidedFineTuner(L.LightningModule):
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
         self.lr_step_size, self.lr_gamma = lr_step_size, lr_gamma
         self.num_classes = int(self.backbone.num_classes)
+        if self.num_classes < 2:
+            raise ValueError(
+                f"the backbone head has {self.num_classes} output(s); a classifier needs at least 2: "
+                "set model.backbone.num_classes"
+            )
         self.data_config = resolve_data_config(self.backbone)
         # Not a submodule: excluded from state_dict, parameters(), DDP; moved along in `_apply`.
         reference = freeze(copy.deepcopy(self.backbone)) if track_reference else None

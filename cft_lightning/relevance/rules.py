@@ -38,7 +38,7 @@ def activation_ratio(act: nn.Module, h: Tensor) -> Tensor:
     if isinstance(act, nn.GELU):
         if act.approximate == "tanh":
             return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (h + 0.044715 * h.pow(3))))
-        return 0.5 * (1.0 + torch.erf(h * (1.0 / math.sqrt(2.0))))
+        return torch.special.ndtr(h)  # gelu(h) / h = Phi(h), the standard normal CDF, in one kernel
     if isinstance(act, nn.SiLU):
         return torch.sigmoid(h)
     if isinstance(act, nn.ReLU):
@@ -72,7 +72,9 @@ def attention_rule(
     if rule != "attnlrp":
         raise ValueError(f"unknown attention rule {rule!r}; expected 'attnlrp' or 'cp'")
     g_attn = g_out @ v.transpose(-2, -1)
-    g_scores = attn * (g_attn - (g_attn * attn).sum(dim=-1, keepdim=True))
+    # The softmax's true VJP, attn * (g - sum(g * attn)), as one kernel (twice differentiable; fewer saved
+    # (B, H, N, N) intermediates for the second-order backward).
+    g_scores = torch._softmax_backward_data(g_attn, attn, -1, attn.dtype)
     g_q = (g_scores @ k) * (scale / 4.0)
     g_k = (g_scores.transpose(-2, -1) @ q) / 4.0
     return g_q, g_k, g_v / 2.0
