@@ -23,6 +23,7 @@ import yaml
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
+from cft_lightning.callbacks import PredictionWriter
 from cft_lightning.data.datamodule import GuidanceDataModule
 from cft_lightning.data.errors import DataError
 from cft_lightning.models.backbone import BackboneError
@@ -128,6 +129,11 @@ class CFTCLI(LightningCLI):
                 )
             print(f"cft: using checkpoint {found}", file=sys.stderr)
             self.config[sub].ckpt_path = found
+
+    def before_predict(self) -> None:
+        """`cft predict` writes predictions.csv into the run's log directory."""
+        if not any(isinstance(cb, PredictionWriter) for cb in self.trainer.callbacks):
+            self.trainer.callbacks.append(PredictionWriter(class_names=self.datamodule.class_names))
 
 
 _USER_ERRORS = (DataError, BackboneError, UnsupportedModelError, ValueError, KeyError, FileNotFoundError)

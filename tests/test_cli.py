@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -87,6 +88,26 @@ def test_fit_then_test_with_last_checkpoint(smoke_data: Path, tmp_path: Path, ca
         assert 0.0 <= test[key] <= 1.0, key
     # The reference is the untouched start: the test run rebuilt it from the same spec and seed.
     assert test["test/acc5"] == 1.0  # 3 classes: top-5 clamps to top-3, which always hits
+
+    main(["validate", *_args(smoke_data, runs), "--ckpt_path", "last"])
+    val = _metrics(runs / "lightning_logs" / "version_2")
+    assert {"val/loss", "val/concept", "val/acc1", "val/ref_acc1"} <= set(val)
+
+    # predict: a flat folder of unlabelled images plus a class folder; one CSV row per image
+    pred_root = tmp_path / "to_predict"
+    (pred_root / "circle").mkdir(parents=True)
+    test_images = sorted((smoke_data / "images" / "test").rglob("*.png"))
+    shutil.copy(test_images[0], pred_root / "loose.png")
+    shutil.copy(test_images[1], pred_root / "circle" / "a.png")
+    main(["predict", *_args(smoke_data, runs), "--ckpt_path", "last", "--data.predict_root", str(pred_root)])
+    with open(runs / "lightning_logs" / "version_3" / "predictions.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert sorted(r["path"] for r in rows) == ["circle/a.png", "loose.png"]
+    by_path = {r["path"]: r for r in rows}
+    assert by_path["loose.png"]["label"] == "-1" and by_path["circle/a.png"]["label"] == "0"
+    for row in rows:
+        assert 0 <= int(row["pred"]) < 3 and 0.0 < float(row["prob"]) <= 1.0
+        assert row["ref_pred_name"] in ("circle", "square", "triangle")
 
 
 def test_second_run_does_not_overwrite_config(smoke_data: Path, tmp_path: Path) -> None:

@@ -265,7 +265,8 @@ class GuidedFineTuner(L.LightningModule):
         out: dict[str, Any] = {"path": batch.get("path"), "logits": logits, "pred": logits.argmax(dim=1)}
         ref_logits = self.reference_logits(batch["image"])
         if ref_logits is not None:
-            out["ref_pred"] = ref_logits.argmax(dim=1)
+            ref_prob, out["ref_pred"] = ref_logits.float().softmax(dim=1).max(dim=1)
+            out["ref_prob"] = ref_prob
         return out
 
     # ------------------------------------------------------------------ optimisation
