@@ -79,7 +79,8 @@ class GuidanceDataModule(L.LightningDataModule):
         val_root: Validation image folder; all its images are used, with masks of the kinds the store holds for
             all of them. If unset, validation images come from the held-out classes of ``root``.
         val_images_per_class: Validation images per held-out class when ``val_root`` is unset.
-        test_root: Test image folder (all images; masks loaded when the store has them).
+        test_root: Test image folder (all images; masks loaded when the store has them), or a mapping
+            ``{split name: folder}`` for several test splits evaluated in one run (one dataloader each).
         predict_root: Folder for ``predict`` (class folders or a flat folder of unlabelled images).
         metadata: CSV with column ``image`` (path relative to its split's root) and optional ``group``, ``label``
             and extra columns; groups reach the batch (``-1`` for images not listed).
@@ -104,7 +105,7 @@ class GuidanceDataModule(L.LightningDataModule):
         seed: int = 0,
         val_root: str | None = None,
         val_images_per_class: int = 1,
-        test_root: str | None = None,
+        test_root: str | dict[str, str] | None = None,
         predict_root: str | None = None,
         metadata: str | None = None,
         missing_masks: str = "error",
@@ -119,7 +120,8 @@ class GuidanceDataModule(L.LightningDataModule):
             ("root", root, True),
             ("masks", masks, True),
             ("val_root", val_root, True),
-            ("test_root", test_root, True),
+            *((f"test_root.{k}" if isinstance(test_root, dict) else "test_root", v, True)
+              for k, v in (test_root.items() if isinstance(test_root, dict) else [("", test_root)])),
             ("predict_root", predict_root, True),
             ("metadata", metadata, False),
         ):
@@ -157,7 +159,7 @@ class GuidanceDataModule(L.LightningDataModule):
         self.data_config = data_config
         self.train_dataset: GuidanceDataset | None = None
         self.val_dataset: GuidanceDataset | None = None
-        self.test_dataset: GuidanceDataset | None = None
+        self.test_dataset: GuidanceDataset | list[GuidanceDataset] | None = None
         self.predict_dataset: GuidanceDataset | None = None
         self._class_names: list[str] | None = None
         self._selection: FewShotSelection | None = None
@@ -258,7 +260,10 @@ class GuidanceDataModule(L.LightningDataModule):
                     rank_zero_warn(f"no validation images: {self.root} has no held-out class or unused image")
                 self.val_dataset = GuidanceDataset(self.root, samples, eval_tf, store, kinds, policy)
         if stage == "test" and self.test_dataset is None and self.test_root is not None:
-            self.test_dataset = self._optional_mask_dataset(self.test_root, eval_tf)
+            if isinstance(self.test_root, dict):
+                self.test_dataset = [self._optional_mask_dataset(r, eval_tf) for r in self.test_root.values()]
+            else:
+                self.test_dataset = self._optional_mask_dataset(self.test_root, eval_tf)
         if stage == "predict" and self.predict_dataset is None and self.predict_root is not None:
             self.predict_dataset = self._optional_mask_dataset(self.predict_root, eval_tf, allow_flat=True)
 
@@ -306,7 +311,14 @@ class GuidanceDataModule(L.LightningDataModule):
             return []
         return self._loader(self.val_dataset, "val", False, self.eval_batch_size)
 
-    def test_dataloader(self) -> DataLoader:
+    @property
+    def test_split_names(self) -> list[str]:
+        """Names of the test splits, in dataloader order (`["test"]` for a single test_root)."""
+        return list(self.test_root) if isinstance(self.test_root, dict) else ["test"]
+
+    def test_dataloader(self) -> DataLoader | list[DataLoader]:
+        if isinstance(self.test_dataset, list):
+            return [self._loader(d, "test", False, self.eval_batch_size) for d in self.test_dataset]
         return self._loader(self.test_dataset, "test", False, self.eval_batch_size)
 
     def predict_dataloader(self) -> DataLoader:

@@ -13,6 +13,7 @@ import importlib
 import math
 from collections.abc import Callable
 from dataclasses import asdict
+from datetime import datetime, timezone
 from typing import Any
 
 import lightning as L
@@ -23,6 +24,8 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from cft_lightning.evaluation.evaluator import Evaluator, predicted_class_maps
+from cft_lightning.evaluation.report import print_table, write_results
 from cft_lightning.models.backbone import BackboneSpec, build_backbone, freeze, resolve_data_config
 from cft_lightning.regularizers.base import Regularizer, RegularizerOutput
 from cft_lightning.relevance.base import RelevanceMethod
@@ -256,9 +259,55 @@ class GuidedFineTuner(L.LightningModule):
             logits = self.backbone(batch["image"])
         self._log_accuracy("val", logits, ref_logits, labels)
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    # ------------------------------------------------------------------ test: metrics and report
+    def on_test_start(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        splits = list(getattr(datamodule, "test_split_names", None) or ["test"])
+        groups = dict(getattr(datamodule, "group_names", None) or {})
+        self.evaluator = Evaluator(splits, self.num_classes, groups).to(self.device)
+        self._alignment = self.relevance is not None and not torch.is_inference_mode_enabled()
+        if self.relevance is not None and not self._alignment:
+            rank_zero_warn(
+                "test runs under inference mode: relevance alignment is skipped; "
+                "set trainer.inference_mode: false to measure it"
+            )
+
+    def _explain_or_forward(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, Tensor | None]:
+        if self._alignment and "object" in (batch.get("masks") or {}):
+            return predicted_class_maps(self.relevance, model, batch["image"])
+        if model is self._reference:
+            with torch.inference_mode():
+                logits = model(batch["image"])
+            return logits.clone(), None
+        return model(batch["image"]), None
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         labels = batch["label"]
-        self._log_accuracy("test", self.backbone(batch["image"]), self.reference_logits(batch["image"]), labels)
+        logits, maps = self._explain_or_forward(self.backbone, batch)
+        ref_logits = None
+        if self._reference is not None:
+            ref_logits, ref_maps = self._explain_or_forward(self._reference, batch)
+            self.evaluator.update(dataloader_idx, "original", ref_logits, batch, ref_maps)
+        self.evaluator.update(dataloader_idx, "fine_tuned", logits, batch, maps)
+        if (labels >= 0).all():
+            self._log_accuracy("test", logits, ref_logits, labels)
+
+    def on_test_epoch_end(self) -> None:
+        results = self.evaluator.results()  # synced across ranks by torchmetrics
+        self.test_results = results
+        if not self.trainer.is_global_zero:
+            return
+        run = {
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "checkpoint": getattr(self.trainer, "ckpt_path", None),
+            "backbone": self.backbone_spec.name,
+            "regularizer": f"{type(self.regularizer).__module__}.{type(self.regularizer).__qualname__}",
+            "relevance": None if self.relevance is None else type(self.relevance).__qualname__,
+        }
+        payload = {"run": run, "splits": results}
+        directory = self.trainer.log_dir or self.trainer.default_root_dir
+        self.results_paths = write_results(payload, directory)
+        print_table(payload, title=f"cft test: {self.backbone_spec.name} (values x100)")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         logits = self.backbone(batch["image"])

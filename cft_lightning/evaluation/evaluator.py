@@ -1,0 +1,97 @@
+"""`Evaluator`: the metrics of `cft test` for the fine-tuned model and its reference, per test split.
+
+For every split and both models ("fine_tuned", "original") it accumulates top-1/top-5 accuracy, group
+accuracies (when the batch carries groups) and relevance alignment with object masks (when the batch has
+`object` masks and a relevance method can run). `results()` gives the nested dict the report writer and
+the JSON file use (schema in docs/results.md).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torchmetrics import SumMetric
+
+from cft_lightning.evaluation.metrics import GroupAccuracy, RelevanceAlignment, accuracy_metrics
+
+__all__ = ["MODELS", "Evaluator"]
+
+MODELS = ("original", "fine_tuned")
+
+
+class Evaluator(nn.Module):
+    """Metric state of one test run; a submodule, so Lightning moves it and torchmetrics syncs it under DDP."""
+
+    def __init__(self, split_names: list[str], num_classes: int, group_names: dict[int, str] | None = None) -> None:
+        super().__init__()
+        self.split_names = list(split_names)
+        self.group_names = dict(group_names or {})
+        num_groups = max(self.group_names, default=-1) + 1
+        self.metrics = nn.ModuleDict()
+        for split in range(len(self.split_names)):
+            for who in MODELS:
+                parts: dict[str, nn.Module] = {"acc": accuracy_metrics(num_classes), "align": RelevanceAlignment()}
+                if num_groups:
+                    parts["groups"] = GroupAccuracy(num_groups)
+                self.metrics[f"{split}_{who}"] = nn.ModuleDict(parts)
+        self.images = nn.ModuleList(SumMetric() for _ in self.split_names)
+        self.used_alignment = [False] * len(self.split_names)
+
+    def update(self, split: int, who: str, logits: Tensor, batch: dict[str, Any], maps: Tensor | None) -> None:
+        """Add one batch of `who`'s predictions (and relevance maps for the predicted class, if any)."""
+        metrics = self.metrics[f"{split}_{who}"]
+        labels = batch["label"]
+        labelled = labels >= 0
+        if labelled.any():
+            metrics["acc"].update(logits[labelled], labels[labelled])
+            if "groups" in metrics and "group" in batch:
+                metrics["groups"].update(logits[labelled], labels[labelled], batch["group"][labelled])
+        if maps is not None and "object" in (batch.get("masks") or {}):
+            metrics["align"].update(maps, batch["masks"]["object"])
+            self.used_alignment[split] = True
+        if who == MODELS[-1]:
+            self.images[split].update(torch.tensor(float(labels.numel()), device=labels.device))
+
+    def results(self) -> dict[str, Any]:
+        """{split: {"num_images", "metrics": {name: {original, fine_tuned, delta}}, "groups": {...}}}."""
+        out: dict[str, Any] = {}
+        for split, name in enumerate(self.split_names):
+            values: dict[str, dict[str, float]] = {}
+            groups: dict[str, dict[str, float | int]] = {}
+            for who in MODELS:
+                metrics = self.metrics[f"{split}_{who}"]
+                for key, value in metrics["acc"].compute().items():
+                    values.setdefault(key, {})[who] = float(value)
+                g = metrics["groups"].compute() if "groups" in metrics else None
+                if g is not None and int(g["group_count"].sum()) > 0:
+                    values.setdefault("worst_group_acc", {})[who] = float(g["worst_group_acc"])
+                    values.setdefault("mean_group_acc", {})[who] = float(g["mean_group_acc"])
+                    for gid, (acc, count) in enumerate(zip(g["group_acc"].tolist(), g["group_count"].tolist())):
+                        if count:
+                            entry = groups.setdefault(self.group_names.get(gid, str(gid)), {"count": int(count)})
+                            entry[who] = float(acc)
+                if self.used_alignment[split]:
+                    for key, value in metrics["align"].compute().items():
+                        values.setdefault(key, {})[who] = float(value)
+            for entry in values.values():
+                if "original" in entry and "fine_tuned" in entry:
+                    entry["delta"] = entry["fine_tuned"] - entry["original"]
+            out[name] = {"num_images": int(self.images[split].compute()), "metrics": values, "groups": groups}
+        return out
+
+    def reset(self) -> None:
+        for metrics in self.metrics.values():
+            for metric in metrics.values():
+                metric.reset()
+        for count in self.images:
+            count.reset()
+        self.used_alignment = [False] * len(self.split_names)
+
+
+def predicted_class_maps(relevance: Any, model: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
+    """(logits, relevance maps for the predicted class) from one pass, detached (Table 3 protocol)."""
+    with torch.enable_grad():
+        rel = relevance(model, images, None, differentiable=False)
+    return rel.logits.detach(), rel.maps.detach()
