@@ -143,6 +143,16 @@ def main(args: list[str] | None = None) -> None:
     """Entry point of the `cft` console script."""
     # Lightning 2.6 calls a pytree API that torch >= 2.10 deprecates: noise for every user, nothing to act on.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["demo"]:  # not a Trainer subcommand: its own small parser (see cft_lightning.demo)
+        from cft_lightning.demo import main as demo_main
+
+        try:
+            demo_main(argv[1:])
+        except (DataError, ValueError) as err:
+            print(f"cft: error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+        return
     try:
         CFTCLI(args=args)
     except _USER_ERRORS as err:

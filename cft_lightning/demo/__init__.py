@@ -1,0 +1,98 @@
+"""`cft demo`: the embedded end-to-end run on CPU (no GPU, no ImageNet, no internet).
+
+    cft demo                                    # one seed, plain / object-mask / CFT fine-tuning
+    cft demo --seeds 0 1 2 --out runs/demo3     # the figures in docs/demo.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cft_lightning.benchmarks import ShortcutPartsSpec
+from cft_lightning.demo.pipeline import METHODS, DemoSettings, run_demo
+
+__all__ = ["DemoSettings", "main", "run_demo"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    d = DemoSettings()
+    b = ShortcutPartsSpec()
+    p = argparse.ArgumentParser(prog="cft demo", description="Repair a shortcut model with guided fine-tuning, on CPU.")
+    p.add_argument("--out", default=d.out, help="output folder (default: %(default)s)")
+    p.add_argument("--seeds", type=int, nargs="+", default=d.seeds, help="seeds to run (default: %(default)s)")
+    p.add_argument("--methods", nargs="+", default=d.methods, choices=sorted(METHODS),
+                   help="fine-tuning methods compared on the same pretrained model (default: %(default)s)")
+    p.add_argument("--spurious_rate", type=float, default=b.spurious_rate, help="background = class rate in training")
+    p.add_argument("--decoy", action="store_true", help="also draw a class-coloured decoy square")
+    p.add_argument("--num_classes", type=int, default=b.num_classes)
+    p.add_argument("--image_size", type=int, default=b.image_size)
+    p.add_argument("--train_per_class", type=int, default=b.train_per_class)
+    p.add_argument("--test_per_class", type=int, default=b.test_per_class)
+    p.add_argument("--pretrain_epochs", type=int, default=d.pretrain_epochs)
+    p.add_argument("--finetune_epochs", type=int, default=d.finetune_epochs)
+    p.add_argument("--finetune_lr", type=float, default=d.finetune_lr)
+    p.add_argument("--images_per_class", type=int, default=d.images_per_class,
+                   help="P: fine-tuning images per class, on half of the classes (default: %(default)s)")
+    p.add_argument("--data_dir", default=None, help="benchmark folder (default: the package cache)")
+    p.add_argument("--overlays", type=int, default=6, help="relevance overlays to draw (default: %(default)s)")
+    p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    return p
+
+
+def _overlays(settings: DemoSettings, summary: dict, count: int) -> Path | None:
+    from cft_lightning.data.image_folder import load_image
+    from cft_lightning.data.mask_store import MaskStore
+    from cft_lightning.data.transforms import JointTransform
+    from cft_lightning.demo.report import overlay_grid
+    from cft_lightning.models.backbone import build_backbone, resolve_data_config
+    from cft_lightning.relevance import AttnLRP
+
+    seed_dir = Path(settings.out) / f"seed_{settings.seeds[0]}"
+    data = Path(summary["data"])
+    names = sorted(p.name for p in (data / "images" / "test_ood").iterdir())
+    rels = [f"{names[i % len(names)]}/test_ood_{i // len(names):04d}.png" for i in range(count)]
+    models = {"original": build_backbone(settings.backbone(str(seed_dir / "pretrained.pth"))).eval()}
+    for method in settings.methods:
+        models[method] = build_backbone(settings.backbone(str(seed_dir / method / "fine_tuned.pth"))).eval()
+    transform = JointTransform(resolve_data_config(models["original"]), train=False)
+    store = MaskStore(data / "masks")
+    raw = [np.asarray(load_image(data / "images" / "test_ood" / r)) for r in rels]
+    batch = torch.stack([transform(load_image(data / "images" / "test_ood" / r))[0] for r in rels])
+    masks = np.stack([store.read(r, "concept") for r in rels])
+    maps = {name: AttnLRP()(m, batch, None, differentiable=False).maps for name, m in models.items()}
+    return overlay_grid(np.stack(raw), masks, maps, Path(settings.out) / "overlays.png")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of `cft demo`."""
+    from rich.console import Console
+
+    from cft_lightning.demo.report import bar_chart, summarize, summary_markdown
+
+    args = _parser().parse_args(argv)
+    benchmark = ShortcutPartsSpec(num_classes=args.num_classes, image_size=args.image_size,
+                                  train_per_class=args.train_per_class, test_per_class=args.test_per_class,
+                                  spurious_rate=args.spurious_rate, decoy=args.decoy)
+    settings = DemoSettings(out=args.out, seeds=args.seeds, methods=args.methods, benchmark=benchmark,
+                            data_dir=args.data_dir, pretrain_epochs=args.pretrain_epochs,
+                            finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
+                            images_per_class=args.images_per_class, progress=not args.no_progress)
+    Path(settings.out).mkdir(parents=True, exist_ok=True)
+    summary = run_demo(settings)
+    table = summarize(summary["results"])
+    text = summary_markdown(table)
+    out = Path(settings.out)
+    (out / "summary.md").write_text(text)
+    (out / "summary_table.json").write_text(json.dumps(table, indent=2) + "\n")
+    bar_chart(table, out / "metrics.png")
+    if args.overlays > 0:
+        _overlays(settings, summary, args.overlays)
+    console = Console()
+    console.print(f"\n[bold]cft demo[/] seeds {settings.seeds}: values x100 (mean ± std over seeds)\n")
+    console.print(text)
+    console.print(f"files: {out / 'summary.md'}, {out / 'metrics.png'}, {out / 'overlays.png'}")

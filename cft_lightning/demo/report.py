@@ -1,0 +1,108 @@
+"""What the demo shows: a summary table over seeds, a bar chart and relevance overlays."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+__all__ = ["KEY_METRICS", "overlay_grid", "summarize", "summary_markdown"]
+
+# (split, metric) pairs the summary reports, in order.
+KEY_METRICS = (
+    ("test_ood", "acc1", "OOD top-1"),
+    ("test_ood", "worst_group_acc", "OOD WGA"),
+    ("test_id", "acc1", "ID top-1"),
+    ("test_ood", "map", "OOD relevance mAP"),
+)
+
+
+def summarize(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, tuple[float, float, int]]]:
+    """{row: {metric label: (mean, std, n)}} over seeds; row "original" is the shared pretrained model."""
+    values: dict[str, dict[str, list[float]]] = {}
+    for per_method in results.values():
+        for method, res in per_method.items():
+            for split, metric, label in KEY_METRICS:
+                entry = res["splits"].get(split, {}).get("metrics", {}).get(metric)
+                if entry is None:
+                    continue
+                values.setdefault(method, {}).setdefault(label, []).append(entry["fine_tuned"])
+                if method == next(iter(per_method)):  # the reference is the same for every method of a seed
+                    values.setdefault("original", {}).setdefault(label, []).append(entry["original"])
+    out: dict[str, dict[str, tuple[float, float, int]]] = {}
+    for row in ["original", *[m for m in values if m != "original"]]:
+        out[row] = {
+            label: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v))
+            for label, v in values.get(row, {}).items()
+        }
+    return out
+
+
+def summary_markdown(summary: dict[str, dict[str, tuple[float, float, int]]]) -> str:
+    labels = [label for _, _, label in KEY_METRICS]
+    lines = ["| model | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
+    for row, metrics in summary.items():
+        cells = []
+        for label in labels:
+            if label not in metrics:
+                cells.append("-")
+                continue
+            mean, std, n = metrics[label]
+            cells.append(f"{100 * mean:.1f} ± {100 * std:.1f}" if n > 1 else f"{100 * mean:.1f}")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(summary: dict[str, dict[str, tuple[float, float, int]]], path: Path) -> Path:
+    """Grouped bars (x100) with seed spread as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [label for _, _, label in KEY_METRICS]
+    rows = list(summary)
+    width = 0.8 / max(len(rows), 1)
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    for i, row in enumerate(rows):
+        means = [100 * summary[row].get(label, (np.nan, 0, 0))[0] for label in labels]
+        stds = [100 * summary[row].get(label, (0, 0, 0))[1] for label in labels]
+        ax.bar(np.arange(len(labels)) + i * width, means, width, yerr=stds, label=row, capsize=2)
+    ax.set_xticks(np.arange(len(labels)) + width * (len(rows) - 1) / 2, labels)
+    ax.set_ylabel("%")
+    ax.set_ylim(0, 100)
+    ax.legend(ncol=len(rows), fontsize=8, loc="upper center", bbox_to_anchor=(0.5, 1.18))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _heat(map_: torch.Tensor, size: int) -> np.ndarray:
+    up = F.interpolate(map_[None, None].float(), size=(size, size), mode="bilinear", align_corners=False)[0, 0]
+    up = (up - up.min()) / (up.max() - up.min() + 1e-8)
+    v = up.numpy()
+    return np.stack([v, 0.25 + 0.5 * v * (1 - v) * 4 * 0.5, 1 - v], -1)  # blue (low) to red (high)
+
+
+def overlay_grid(images: np.ndarray, masks: np.ndarray, maps: dict[str, torch.Tensor], path: Path,
+                 scale: int = 3) -> Path:
+    """One row per image: image | concept mask | one relevance overlay per model (maps on the patch grid)."""
+    rows = []
+    for i in range(len(images)):
+        img = images[i].astype(np.float64) / 255
+        size = img.shape[0]
+        tiles = [img, np.repeat(masks[i][..., None].astype(np.float64), 3, -1)]
+        for m in maps.values():
+            tiles.append(0.45 * img + 0.55 * _heat(m[i], size))
+        rows.append(np.concatenate([np.pad(t, ((1, 1), (1, 1), (0, 0)), constant_values=1) for t in tiles], 1))
+    grid = (np.clip(np.concatenate(rows, 0), 0, 1) * 255).astype(np.uint8)
+    image = Image.fromarray(grid)
+    image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    image.save(path)
+    return path
