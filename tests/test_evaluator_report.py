@@ -1,9 +1,6 @@
 """`cft test` evaluation: the `Evaluator` (per split, per model), the results writer (JSON/CSV/markdown/terminal),
 the end-to-end test run of `GuidedFineTuner` on the generated shortcut-parts benchmark, and test splits given as a
 mapping in `GuidanceDataModule`.
-
-Tests marked `xfail(strict=True)` pin bugs found while writing this file (see their reasons); they turn into
-failures (XPASS) once the bug is fixed, and the marker must then be removed.
 """
 
 from __future__ import annotations
@@ -188,8 +185,6 @@ def test_reset_clears_everything() -> None:
     assert after["groups"] == {"a": {"count": 2, "original": 1.0, "fine_tuned": 1.0}}
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a model that was never evaluated gets 0.0 (compute() before update) "
-                   "instead of no key, so track_reference=false reports Original 0.00 and a delta")
 def test_model_that_was_not_evaluated_has_no_key() -> None:
     ev = Evaluator(["s"], NUM_CLASSES)
     ev.update(0, "fine_tuned", logits_for([0, 0]), batch([0, 1]), None)  # no reference: no "original" update
@@ -198,7 +193,6 @@ def test_model_that_was_not_evaluated_has_no_key() -> None:
     assert "original" not in entry and "delta" not in entry
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a split without labelled images reports accuracy 0.0 instead of none")
 def test_split_without_labels_has_no_accuracy() -> None:
     ev = Evaluator(["s"], NUM_CLASSES)
     for who in MODELS:
@@ -292,7 +286,7 @@ def parts_datamodule(root: Path, **overrides: Any) -> GuidanceDataModule:
     kwargs: dict[str, Any] = dict(
         root=str(root / "images" / "train"), masks=str(root / "masks"), mask_kinds=["concept", "object"],
         test_root={"test_id": str(root / "images" / "test_id"), "test_ood": str(root / "images" / "test_ood")},
-        metadata=str(root / "metadata.csv"), images_per_class=2, class_fraction=1.0, batch_size=8,
+        metadata=str(root / "metadata.csv"), images_per_class=2, class_fraction=1.0, batch_size=18,
     )
     kwargs.update(overrides)
     return GuidanceDataModule(**kwargs)
@@ -400,15 +394,14 @@ def test_test_run_under_inference_mode_skips_alignment_with_a_warning(parts: Pat
     assert "top-1" in md and "relevance" not in md
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: GuidedFineTuner logs every test dataloader into one metric "
-                   "collection, so test/acc1/dataloader_idx_1 accumulates test_id + test_ood")
 def test_logged_accuracy_per_dataloader_matches_the_results(tested: dict[str, Any]) -> None:
     splits = read_json(tested["trainer"])["splits"]
     for idx, (name, logged) in enumerate(zip(["test_id", "test_ood"], tested["logged"])):
-        assert logged[f"test/acc1/dataloader_idx_{idx}"] == pytest.approx(splits[name]["metrics"]["acc1"]["fine_tuned"])
+        metrics = splits[name]["metrics"]
+        assert logged[f"test/{name}/acc1"] == pytest.approx(metrics["acc1"]["fine_tuned"]), idx
+        assert logged[f"test/{name}/ref_acc1"] == pytest.approx(metrics["acc1"]["original"]), idx
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: run.relevance is the bare class name, the schema says a class path")
 def test_run_relevance_is_a_class_path(tested: dict[str, Any]) -> None:
     assert read_json(tested["trainer"])["run"]["relevance"] == f"{AttnLRP.__module__}.{AttnLRP.__qualname__}"
 

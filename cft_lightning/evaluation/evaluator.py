@@ -8,6 +8,8 @@ the JSON file use (schema in docs/results.md).
 
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Any
 
 import torch
@@ -37,6 +39,8 @@ class Evaluator(nn.Module):
                     parts["groups"] = GroupAccuracy(num_groups)
                 self.metrics[f"{split}_{who}"] = nn.ModuleDict(parts)
         self.images = nn.ModuleList(SumMetric() for _ in self.split_names)
+        # labelled images seen per split and model: a model or split never evaluated gets no key (not 0.0)
+        self.labelled = nn.ModuleDict({key: SumMetric() for key in self.metrics})
         self.used_alignment = [False] * len(self.split_names)
 
     def update(self, split: int, who: str, logits: Tensor, batch: dict[str, Any], maps: Tensor | None) -> None:
@@ -44,6 +48,7 @@ class Evaluator(nn.Module):
         metrics = self.metrics[f"{split}_{who}"]
         labels = batch["label"]
         labelled = labels >= 0
+        self.labelled[f"{split}_{who}"].update(labelled.sum().to(torch.float32))
         if labelled.any():
             metrics["acc"].update(logits[labelled], labels[labelled])
             if "groups" in metrics and "group" in batch:
@@ -62,18 +67,25 @@ class Evaluator(nn.Module):
             groups: dict[str, dict[str, float | int]] = {}
             for who in MODELS:
                 metrics = self.metrics[f"{split}_{who}"]
-                for key, value in metrics["acc"].compute().items():
-                    values.setdefault(key, {})[who] = float(value)
-                g = metrics["groups"].compute() if "groups" in metrics else None
-                if g is not None and int(g["group_count"].sum()) > 0:
+                # every rank runs the same computes (each one is a collective under DDP)
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=".*compute.*before.*update.*")
+                    labelled = int(self.labelled[f"{split}_{who}"].compute())
+                    acc = metrics["acc"].compute()
+                    g = metrics["groups"].compute() if "groups" in metrics else None
+                    align = metrics["align"].compute() if self.used_alignment[split] else None
+                if labelled > 0:
+                    for key, value in acc.items():
+                        values.setdefault(key, {})[who] = float(value)
+                if labelled > 0 and g is not None and int(g["group_count"].sum()) > 0:
                     values.setdefault("worst_group_acc", {})[who] = float(g["worst_group_acc"])
                     values.setdefault("mean_group_acc", {})[who] = float(g["mean_group_acc"])
-                    for gid, (acc, count) in enumerate(zip(g["group_acc"].tolist(), g["group_count"].tolist())):
+                    for gid, (acc_g, count) in enumerate(zip(g["group_acc"].tolist(), g["group_count"].tolist())):
                         if count:
                             entry = groups.setdefault(self.group_names.get(gid, str(gid)), {"count": int(count)})
-                            entry[who] = float(acc)
-                if self.used_alignment[split]:
-                    for key, value in metrics["align"].compute().items():
+                            entry[who] = float(acc_g)
+                if align is not None and not math.isnan(align["pixel_acc"]):
+                    for key, value in align.items():
                         values.setdefault(key, {})[who] = float(value)
             for entry in values.values():
                 if "original" in entry and "fine_tuned" in entry:
@@ -85,7 +97,7 @@ class Evaluator(nn.Module):
         for metrics in self.metrics.values():
             for metric in metrics.values():
                 metric.reset()
-        for count in self.images:
+        for count in (*self.images, *self.labelled.values()):
             count.reset()
         self.used_alignment = [False] * len(self.split_names)
 

@@ -32,7 +32,7 @@ from cft_lightning.relevance.base import RelevanceMethod
 
 __all__ = ["GuidedFineTuner", "NonFiniteLossError"]
 
-_STAGES = ("train", "val", "test")
+_STAGES = ("train", "val")  # test metrics live in the Evaluator
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -261,8 +261,12 @@ class GuidedFineTuner(L.LightningModule):
 
     # ------------------------------------------------------------------ test: metrics and report
     def on_test_start(self) -> None:
+        loaders = self.trainer.test_dataloaders
+        n_loaders = len(loaders) if isinstance(loaders, (list, tuple)) else 1
         datamodule = getattr(self.trainer, "datamodule", None)
-        splits = list(getattr(datamodule, "test_split_names", None) or ["test"])
+        splits = list(getattr(datamodule, "test_split_names", None) or [])
+        if len(splits) != n_loaders:
+            splits = ["test"] if n_loaders == 1 else [f"test_{i}" for i in range(n_loaders)]
         groups = dict(getattr(datamodule, "group_names", None) or {})
         self.evaluator = Evaluator(splits, self.num_classes, groups).to(self.device)
         self._alignment = self.relevance is not None and not torch.is_inference_mode_enabled()
@@ -282,19 +286,23 @@ class GuidedFineTuner(L.LightningModule):
         return model(batch["image"]), None
 
     def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        labels = batch["label"]
         logits, maps = self._explain_or_forward(self.backbone, batch)
         ref_logits = None
         if self._reference is not None:
             ref_logits, ref_maps = self._explain_or_forward(self._reference, batch)
             self.evaluator.update(dataloader_idx, "original", ref_logits, batch, ref_maps)
         self.evaluator.update(dataloader_idx, "fine_tuned", logits, batch, maps)
-        if (labels >= 0).all():
-            self._log_accuracy("test", logits, ref_logits, labels)
 
     def on_test_epoch_end(self) -> None:
         results = self.evaluator.results()  # synced across ranks by torchmetrics
         self.test_results = results
+        single = len(results) == 1
+        for split, data in results.items():
+            prefix = "test/" if single else f"test/{split}/"
+            for metric, entry in data["metrics"].items():
+                for who, key in (("fine_tuned", metric), ("original", f"ref_{metric}")):
+                    if who in entry:
+                        self.log(f"{prefix}{key}", entry[who], batch_size=max(data["num_images"], 1))
         if not self.trainer.is_global_zero:
             return
         run = {
@@ -302,7 +310,8 @@ class GuidedFineTuner(L.LightningModule):
             "checkpoint": getattr(self.trainer, "ckpt_path", None),
             "backbone": self.backbone_spec.name,
             "regularizer": f"{type(self.regularizer).__module__}.{type(self.regularizer).__qualname__}",
-            "relevance": None if self.relevance is None else type(self.relevance).__qualname__,
+            "relevance": None if self.relevance is None else f"{type(self.relevance).__module__}."
+            f"{type(self.relevance).__qualname__}",
         }
         payload = {"run": run, "splits": results}
         directory = self.trainer.log_dir or self.trainer.default_root_dir

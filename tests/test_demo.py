@@ -1,0 +1,62 @@
+"""`cft demo` end to end on a tiny benchmark: files, tables, overlays, and the pretrained-model cache."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from cft_lightning.cli import main
+from cft_lightning.demo.pipeline import DemoSettings, pretrain
+from cft_lightning.demo.report import KEY_METRICS
+
+TINY = ["--num_classes", "3", "--image_size", "32", "--train_per_class", "12", "--test_per_class", "6",
+        "--pretrain_epochs", "1", "--finetune_epochs", "1", "--images_per_class", "2", "--no_progress"]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("demo")
+    main(["demo", "--out", str(root / "run"), "--data_dir", str(root / "data"), "--methods", "plain", "cft",
+          "--overlays", "2", *TINY])
+    return root
+
+
+def test_demo_writes_summary_results_and_pictures(demo_run: Path, capsys: pytest.CaptureFixture) -> None:
+    run = demo_run / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    assert set(summary["results"]["0"]) == {"plain", "cft"}
+    for method in ("plain", "cft"):
+        results = json.loads((run / "seed_0" / method / "results.json").read_text())
+        assert results["schema"] == "cft_lightning.results/1"
+        assert set(results["splits"]) == {"test_id", "test_ood"}
+        ood = results["splits"]["test_ood"]["metrics"]
+        assert {"acc1", "worst_group_acc", "map"} <= set(ood)
+        assert results["splits"]["test_ood"]["num_images"] == 18
+    table = (run / "summary.md").read_text()
+    assert table.splitlines()[0].count("|") == len(KEY_METRICS) + 2
+    assert [line.split("|")[1].strip() for line in table.splitlines()[2:]] == ["original", "plain", "cft"]
+    with Image.open(run / "overlays.png") as im:
+        assert im.height > im.width / 4  # two rows of image | mask | 3 overlays
+    with Image.open(run / "metrics.png") as im:
+        assert im.width > 100
+
+
+def test_pretrained_model_is_cached_per_recipe(demo_run: Path) -> None:
+    from cft_lightning.benchmarks import ShortcutPartsSpec
+
+    spec = ShortcutPartsSpec(num_classes=3, image_size=32, train_per_class=12, test_per_class=6)
+    settings = DemoSettings(out=str(demo_run / "run"), benchmark=spec, pretrain_epochs=1, progress=False)
+    seed_dir = demo_run / "run" / "seed_0"
+    before = (seed_dir / "pretrained.pth").stat().st_mtime_ns
+    assert pretrain(settings, demo_run / "data", 0, seed_dir) == seed_dir / "pretrained.pth"
+    assert (seed_dir / "pretrained.pth").stat().st_mtime_ns == before, "same recipe: reused, not retrained"
+
+
+def test_unknown_method_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["demo", "--out", str(tmp_path), "--methods", "nope", *TINY])
+    assert info.value.code == 2
+    assert "nope" in capsys.readouterr().err
