@@ -78,13 +78,13 @@ def _background(kind: int, size: int, rng: np.random.Generator) -> np.ndarray:
 
 def _part_masks(u: np.ndarray, v: np.ndarray, body: np.ndarray) -> dict[str, np.ndarray]:
     """Region of every part in creature coordinates (drawn or not)."""
-    t = (-0.9 - u) / 0.7  # 0 where the tail meets the body, 1 at its end
-    fin_h = (-0.38 - v) / 0.62  # 0 at the back of the body, 1 at the fin's tip
-    horn_h = (-0.4 - v) / 0.55  # 0 at the horn's base on the head, 1 at its tip
+    t = (-0.9 - u) / 0.75  # 0 where the tail meets the body, 1 at its end
+    fin_h = (-0.38 - v) / 0.72  # 0 at the back of the body, 1 at the fin's tip
+    horn_h = (-0.4 - v) / 0.62  # 0 at the horn's base on the head, 1 at its tip
     return {
-        "round eye": (u - 0.58) ** 2 + (v + 0.08) ** 2 <= 0.2**2,
-        "striped fin": (fin_h >= 0) & (fin_h <= 1) & (np.abs(u + 0.05) <= 0.4 * (1 - fin_h)),
-        "forked tail": (t >= 0) & (t <= 1) & (np.abs(v) <= 0.12 + 0.5 * t)
+        "round eye": (u - 0.56) ** 2 + (v + 0.06) ** 2 <= 0.26**2,
+        "striped fin": (fin_h >= 0) & (fin_h <= 1) & (np.abs(u + 0.05) <= 0.45 * (1 - fin_h)),
+        "forked tail": (t >= 0) & (t <= 1) & (np.abs(v) <= 0.15 + 0.6 * t)
         & ~((t > 0.45) & (np.abs(v) < 0.55 * (t - 0.45))),
         "spotted belly": body & (v >= 0.16) & (np.abs(u + 0.05) <= 0.55),
         "pointed horn": (horn_h >= 0) & (horn_h <= 1) & (u >= 0.4 + 0.38 * horn_h) & (u <= 0.82 - 0.04 * horn_h),
@@ -96,7 +96,7 @@ def _paint_part(image: np.ndarray, name: str, region: np.ndarray, u: np.ndarray,
     jitter = rng.normal(0.0, 0.04, 3)
     if name == "round eye":
         image[region] = np.clip(0.95 + jitter, 0, 1)
-        pupil = region & ((u - 0.6) ** 2 + (v + 0.08) ** 2 <= 0.09**2)
+        pupil = region & ((u - 0.6) ** 2 + (v + 0.06) ** 2 <= 0.12**2)
         image[pupil] = 0.05
     elif name == "striped fin":
         stripes = np.mod(u * 5.0, 1.0) < 0.5
@@ -117,8 +117,8 @@ def render(parts: tuple[str, ...], background: int, size: int, rng: np.random.Ge
     """Draw a creature carrying `parts` on background `background` (index into BACKGROUNDS); with `decoy`, a
     small square of colour DECOY_COLOURS[decoy] in a random corner."""
     image = _background(background, size, rng)
-    scale = size * rng.uniform(0.2, 0.27)
-    margin = 1.7 * scale
+    scale = size * rng.uniform(0.23, 0.28)
+    margin = 1.5 * scale
     cy, cx = rng.uniform(margin, size - margin, 2) if size > 2 * margin else (size / 2, size / 2)
     theta = rng.uniform(-np.pi / 6, np.pi / 6)
     flip = 1.0 if rng.random() < 0.5 else -1.0

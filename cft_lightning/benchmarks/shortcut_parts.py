@@ -39,7 +39,7 @@ from cft_lightning.data.mask_store import MaskStore, atomic_write, concept_slug,
 
 __all__ = ["SPLITS", "ShortcutPartsSpec", "build_shortcut_parts", "class_parts", "default_cache_dir"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # bump whenever the drawing changes: caches of older drawings are rebuilt
 SPLITS = ("train", "val", "test_id", "test_ood")
 CLASS_NAMES = ("alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa")
 MANIFEST = "benchmark.json"

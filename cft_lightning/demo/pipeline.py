@@ -48,9 +48,9 @@ class DemoSettings:
     depth: int = 4
     embed_dim: int = 192
     patch_size: int = 8
-    pretrain_epochs: int = 10
+    pretrain_epochs: int = 15
     pretrain_lr: float = 1e-3
-    finetune_epochs: int = 10
+    finetune_epochs: int = 30
     finetune_lr: float = 1e-4
     images_per_class: int = 10
     class_fraction: float = 0.5
