@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 
 __all__ = ["KEY_METRICS", "overlay_grid", "summarize", "summary_markdown"]
 
@@ -92,7 +92,8 @@ def _heat(map_: torch.Tensor, size: int) -> np.ndarray:
 
 def overlay_grid(images: np.ndarray, masks: np.ndarray, maps: dict[str, torch.Tensor], path: Path,
                  scale: int = 3) -> Path:
-    """One row per image: image | concept mask | one relevance overlay per model (maps on the patch grid)."""
+    """One row per image: image | concept mask | one relevance overlay per model (maps on the patch grid),
+    under a header naming the columns. Overlays: red = high, blue = low relevance (min-max per image)."""
     rows = []
     for i in range(len(images)):
         img = images[i].astype(np.float64) / 255
@@ -102,7 +103,15 @@ def overlay_grid(images: np.ndarray, masks: np.ndarray, maps: dict[str, torch.Te
             tiles.append(0.45 * img + 0.55 * _heat(m[i], size))
         rows.append(np.concatenate([np.pad(t, ((1, 1), (1, 1), (0, 0)), constant_values=1) for t in tiles], 1))
     grid = (np.clip(np.concatenate(rows, 0), 0, 1) * 255).astype(np.uint8)
-    image = Image.fromarray(grid)
-    image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    body = Image.fromarray(grid)
+    body = body.resize((body.width * scale, body.height * scale), Image.NEAREST)
+    titles = ["image", "concept mask", *maps]
+    header = 16
+    image = Image.new("RGB", (body.width, body.height + header), "white")
+    image.paste(body, (0, header))
+    draw = ImageDraw.Draw(image)
+    tile = body.width / len(titles)
+    for k, title in enumerate(titles):
+        draw.text((k * tile + 4, 2), title, fill="black")
     image.save(path)
     return path
