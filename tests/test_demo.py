@@ -36,7 +36,9 @@ def test_demo_writes_summary_results_and_pictures(demo_run: Path, capsys: pytest
         assert {"acc1", "worst_group_acc", "map"} <= set(ood)
         assert results["splits"]["test_ood"]["num_images"] == 18
     table = (run / "summary.md").read_text()
-    assert table.splitlines()[0].count("|") == len(KEY_METRICS) + 2
+    header = table.splitlines()[0]
+    assert header.count("|") == len(KEY_METRICS) + 2 + 2, header  # + OOD top-1 on fine-tuned / held-out classes
+    assert "held-out classes" in header
     assert [line.split("|")[1].strip() for line in table.splitlines()[2:]] == ["original", "plain", "cft"]
     with Image.open(run / "overlays.png") as im:
         assert im.height > im.width / 4  # two rows of image | mask | 3 overlays

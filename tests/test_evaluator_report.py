@@ -339,6 +339,9 @@ def test_test_run_writes_the_three_files_into_the_log_dir(tested: dict[str, Any]
     assert "| test_ood | relevance mIoU |" in md and "| test_id | worst-group acc (WGA) |" in md
 
 
+OOD_GROUPS = {f"{c}|{b}" for c in ("alpha", "beta", "gamma") for b in ("grass", "water", "sand")}
+
+
 def test_test_run_reports_every_split_with_groups_and_alignment(tested: dict[str, Any]) -> None:
     splits = read_json(tested["trainer"])["splits"]
     assert list(splits) == ["test_id", "test_ood"]
@@ -348,14 +351,14 @@ def test_test_run_reports_every_split_with_groups_and_alignment(tested: dict[str
         for entry in split["metrics"].values():
             for who in MODELS:
                 assert 0.0 <= entry[who] <= 1.0
-        # groups come from the metadata CSV (label * 3 + background, integer ids named by their value)
-        assert set(split["groups"]) <= {str(g) for g in range(9)}
+        # groups come from the metadata CSV, named "<class>|<background>"
+        assert set(split["groups"]) <= OOD_GROUPS
         assert sum(g["count"] for g in split["groups"].values()) == 18
         accs = [g["fine_tuned"] for g in split["groups"].values()]
         assert split["metrics"]["worst_group_acc"]["fine_tuned"] == pytest.approx(min(accs))
         assert split["metrics"]["mean_group_acc"]["fine_tuned"] == pytest.approx(sum(accs) / len(accs))
     # out of distribution every class stands on every background equally often: 9 groups of 2
-    assert {k: g["count"] for k, g in splits["test_ood"]["groups"].items()} == {str(g): 2 for g in range(9)}
+    assert {k: g["count"] for k, g in splits["test_ood"]["groups"].items()} == {g: 2 for g in OOD_GROUPS}
 
 
 def test_test_run_accuracy_is_that_of_each_split(tested: dict[str, Any]) -> None:

@@ -64,7 +64,8 @@ def test_shortcut_statistics(tmp_path: Path) -> None:
     rows = _rows(root)
     train = [r for r in rows if r["split"] == "train"]
     own = {name: i for i, name in enumerate(class_parts(3))}
-    rate = np.mean([int(r["group"]) == own[r["label"]] * 3 + own[r["label"]] for r in train])
+    rate = np.mean([int(r["group_id"]) == own[r["label"]] * 3 + own[r["label"]] for r in train])
+    assert all(r["group"] == f"{r['label']}|{r['background']}" for r in rows)
     assert abs(rate - 0.9) < 0.04  # 600 draws at p = 0.9
     ood = Counter(r["group"] for r in rows if r["split"] == "test_ood")
     assert len(ood) == 9 and set(ood.values()) == {10}  # every class on every background, equally often

@@ -12,7 +12,8 @@ On disk, in the same format as real data (`docs/data.md`), written once into a c
     images/{train,val,test_id,test_ood}/<class>/<split>_<i>.png
     masks/            mask store: object, concept (union of parts), per-concept masks, decoy (with decoy=True)
     concepts.json     the concept bank {class: [concept, ...]}, as the LLM stage produces it
-    metadata.csv      image, group (= label * num_backgrounds + background), label, split, background, group_name
+    metadata.csv      image, group ("<class>|<background>"), label, split, background, group_id
+                      (= label * num_backgrounds + background)
     benchmark.json    the spec and every file's size and sha256; written last: a folder without it is incomplete
 
 Deterministic: sample i of a split and class is drawn from its own seeded generator, so any missing or
@@ -39,7 +40,7 @@ from cft_lightning.data.mask_store import MaskStore, atomic_write, concept_slug,
 
 __all__ = ["SPLITS", "ShortcutPartsSpec", "build_shortcut_parts", "class_parts", "default_cache_dir"]
 
-FORMAT_VERSION = 2  # bump whenever the drawing changes: caches of older drawings are rebuilt
+FORMAT_VERSION = 3  # bump whenever the drawing changes: caches of older drawings are rebuilt
 SPLITS = ("train", "val", "test_id", "test_ood")
 CLASS_NAMES = ("alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa")
 MANIFEST = "benchmark.json"
@@ -224,14 +225,14 @@ def build_shortcut_parts(
 
 def _write_tables(out: Path, spec: ShortcutPartsSpec) -> None:
     bank = {name: list(parts) for name, parts in class_parts(spec.num_classes).items()}
-    rows = ["image,group,label,split,background,group_name"]
+    rows = ["image,group,label,split,background,group_id"]
     for s, split in enumerate(SPLITS):
         for label, name in enumerate(bank):
             for i in range(spec.per_class(split)):
                 background, _ = _cues(spec, s, label, i, _rng(spec, s, label, i))
                 group = label * spec.num_classes + background
                 bg_name = BACKGROUNDS[background][0]
-                rows.append(f"{name}/{split}_{i:04d}.png,{group},{name},{split},{bg_name},{name}|{bg_name}")
+                rows.append(f"{name}/{split}_{i:04d}.png,{name}|{bg_name},{name},{split},{bg_name},{group}")
     for rel, text in (("metadata.csv", "\n".join(rows) + "\n"),
                       ("concepts.json", json.dumps(bank, indent=2) + "\n")):
         atomic_write(out / rel, lambda fh, text=text: fh.write(text.encode("utf-8")))

@@ -112,7 +112,9 @@ def finetune_and_test(settings: DemoSettings, data: Path, seed: int, method: str
     trainer.fit(model, dm)
     trainer.test(model, dm, verbose=False)
     torch.save(model.backbone.state_dict(), out / "fine_tuned.pth")
-    return json.loads((out / "results.json").read_text())
+    results = json.loads((out / "results.json").read_text())
+    results["fine_tuning_classes"] = list(dm.fine_tuning_classes)
+    return results
 
 
 def run_demo(settings: DemoSettings) -> dict[str, Any]:

@@ -22,11 +22,33 @@ KEY_METRICS = (
 )
 
 
+def _class_split_accuracy(res: dict[str, Any], who: str) -> dict[str, float]:
+    """OOD top-1 on the fine-tuning classes and on the held-out ones, from the per-group results
+    (group names are "<class>|<background>")."""
+    groups = res["splits"].get("test_ood", {}).get("groups", {})
+    chosen = set(res.get("fine_tuning_classes") or [])
+    out = {}
+    for label, inside in (("OOD top-1, fine-tuned classes", True), ("OOD top-1, held-out classes", False)):
+        items = [g for name, g in groups.items() if who in g and (name.split("|")[0] in chosen) == inside]
+        count = sum(g["count"] for g in items)
+        if chosen and count:
+            out[label] = sum(g["count"] * g[who] for g in items) / count
+    return out
+
+
 def summarize(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, tuple[float, float, int]]]:
-    """{row: {metric label: (mean, std, n)}} over seeds; row "original" is the shared pretrained model."""
+    """{row: {metric label: (mean, std, n)}} over seeds; row "original" is the shared pretrained model.
+
+    Besides KEY_METRICS, OOD top-1 is split into the classes the method fine-tuned on and the held-out ones
+    (for "original", with the classes its seed's first method used: the same draw for every method)."""
     values: dict[str, dict[str, list[float]]] = {}
     for per_method in results.values():
         for method, res in per_method.items():
+            for label, value in _class_split_accuracy(res, "fine_tuned").items():
+                values.setdefault(method, {}).setdefault(label, []).append(value)
+            if method == next(iter(per_method)):
+                for label, value in _class_split_accuracy(res, "original").items():
+                    values.setdefault("original", {}).setdefault(label, []).append(value)
             for split, metric, label in KEY_METRICS:
                 entry = res["splits"].get(split, {}).get("metrics", {}).get(metric)
                 if entry is None:
@@ -43,8 +65,12 @@ def summarize(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, tuple[f
     return out
 
 
+CLASS_SPLIT_LABELS = ("OOD top-1, fine-tuned classes", "OOD top-1, held-out classes")
+
+
 def summary_markdown(summary: dict[str, dict[str, tuple[float, float, int]]]) -> str:
     labels = [label for _, _, label in KEY_METRICS]
+    labels += [label for label in CLASS_SPLIT_LABELS if any(label in row for row in summary.values())]
     lines = ["| model | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
     for row, metrics in summary.items():
         cells = []
