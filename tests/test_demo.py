@@ -62,3 +62,13 @@ def test_unknown_method_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureF
         main(["demo", "--out", str(tmp_path), "--methods", "nope", *TINY])
     assert info.value.code == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_every_demo_method_builds_a_regularizer_and_relevance_method() -> None:
+    from cft_lightning.demo.pipeline import METHODS
+    from cft_lightning.regularizers import Regularizer
+    from cft_lightning.relevance import RelevanceMethod
+
+    for name, factory in METHODS.items():
+        regularizer, relevance = factory()
+        assert isinstance(regularizer, Regularizer) and isinstance(relevance, RelevanceMethod), name

@@ -24,15 +24,19 @@ from cft_lightning.benchmarks import ShortcutPartsSpec, build_shortcut_parts
 from cft_lightning.data.datamodule import GuidanceDataModule
 from cft_lightning.models import BackboneSpec, GuidedFineTuner
 from cft_lightning.regularizers import CFT, ObjectMaskGuidance, PlainFineTuning, Regularizer
-from cft_lightning.relevance import AttnLRP
+from cft_lightning.relevance import AttnLRP, GradientRollout
 
 __all__ = ["METHODS", "DemoSettings", "run_demo"]
 
-# name -> factory of the regularizer; every method fine-tunes the same pretrained model.
+# name -> (regularizer, relevance method) factories; every method fine-tunes the same pretrained model.
 METHODS: dict[str, Any] = {
-    "plain": lambda: PlainFineTuning(consistency_target="label"),
-    "object": lambda: ObjectMaskGuidance(),
-    "cft": lambda: CFT(),
+    "plain": lambda: (PlainFineTuning(consistency_target="label"), AttnLRP()),
+    "object": lambda: (ObjectMaskGuidance(), AttnLRP()),
+    "cft": lambda: (CFT(), AttnLRP()),
+    # the paper's "w/ ground-truth" ablation: consistency CE on the label instead of the model's own argmax
+    "cft_gt": lambda: (CFT(consistency_target="label"), AttnLRP()),
+    # the CFT release's regime: gradient rollout with attention gradients held constant
+    "cft_rollout": lambda: (CFT(), GradientRollout()),
 }
 
 
@@ -97,8 +101,8 @@ def finetune_and_test(settings: DemoSettings, data: Path, seed: int, method: str
                       out: Path) -> dict[str, Any]:
     """Fine-tune the pretrained model with `method` and test Original vs fine-tuned; returns the results."""
     L.seed_everything(seed, workers=True)
-    regularizer: Regularizer = METHODS[method]()
-    relevance = AttnLRP()
+    regularizer: Regularizer
+    regularizer, relevance = METHODS[method]()
     model = GuidedFineTuner(settings.backbone(str(weights)), regularizer, relevance, lr=settings.finetune_lr,
                             lr_step_size=0)
     dm = GuidanceDataModule(
@@ -110,6 +114,7 @@ def finetune_and_test(settings: DemoSettings, data: Path, seed: int, method: str
     )
     trainer = _trainer(settings, out, settings.finetune_epochs, limit_val_batches=0)
     trainer.fit(model, dm)
+    model.relevance = AttnLRP()  # alignment is measured with the same method for every row of the table
     trainer.test(model, dm, verbose=False)
     torch.save(model.backbone.state_dict(), out / "fine_tuned.pth")
     results = json.loads((out / "results.json").read_text())
