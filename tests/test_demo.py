@@ -72,3 +72,25 @@ def test_every_demo_method_builds_a_regularizer_and_relevance_method() -> None:
     for name, factory in METHODS.items():
         regularizer, relevance = factory()
         assert isinstance(regularizer, Regularizer) and isinstance(relevance, RelevanceMethod), name
+
+
+def test_counterfactual_pool_links_only_off_background_training_images(tmp_path: Path) -> None:
+    import csv
+
+    from cft_lightning.benchmarks import ShortcutPartsSpec, build_shortcut_parts
+    from cft_lightning.demo.pipeline import fewshot_root
+
+    spec = ShortcutPartsSpec(num_classes=3, image_size=32, train_per_class=12, val_per_class=1, test_per_class=3,
+                             spurious_rate=0.5)
+    data = build_shortcut_parts(tmp_path / "data", spec, progress=False)
+    pool = fewshot_root(DemoSettings(benchmark=spec, fewshot_pool="counterfactual"), data, tmp_path / "run")
+    linked = sorted(p.relative_to(pool).as_posix() for p in pool.rglob("*.png"))
+    with open(data / "metadata.csv") as fh:
+        rows = {r["image"]: r for r in csv.DictReader(fh) if r["split"] == "train"}
+    off = sorted(k for k, r in rows.items() if r["background"] != {"alpha": "grass", "beta": "water",
+                                                                     "gamma": "sand"}[r["label"]])
+    assert 0 < len(off) < len(rows)
+    assert linked == off
+    assert fewshot_root(DemoSettings(benchmark=spec), data, tmp_path / "x").name == "train"
+    with pytest.raises(ValueError, match="fewshot_pool"):
+        fewshot_root(DemoSettings(benchmark=spec, fewshot_pool="nope"), data, tmp_path / "y")

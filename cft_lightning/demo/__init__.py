@@ -38,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune_lr", type=float, default=d.finetune_lr)
     p.add_argument("--images_per_class", type=int, default=d.images_per_class,
                    help="P: fine-tuning images per class, on half of the classes (default: %(default)s)")
+    p.add_argument("--fewshot_pool", default=d.fewshot_pool, choices=["train", "counterfactual"],
+                   help="few-shot images from the biased training split, or only those off their class's "
+                   "background (default: %(default)s)")
     p.add_argument("--data_dir", default=None, help="benchmark folder (default: the package cache)")
     p.add_argument("--overlays", type=int, default=6, help="relevance overlays to draw (default: %(default)s)")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
@@ -81,7 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     settings = DemoSettings(out=args.out, seeds=args.seeds, methods=args.methods, benchmark=benchmark,
                             data_dir=args.data_dir, pretrain_epochs=args.pretrain_epochs,
                             finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
-                            images_per_class=args.images_per_class, progress=not args.no_progress)
+                            images_per_class=args.images_per_class, fewshot_pool=args.fewshot_pool,
+                            progress=not args.no_progress)
     Path(settings.out).mkdir(parents=True, exist_ok=True)
     summary = run_demo(settings)
     table = summarize(summary["results"])

@@ -11,6 +11,7 @@ Then the summary over seeds (mean and spread), overlays and a bar chart (`demo/r
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -58,6 +59,7 @@ class DemoSettings:
     finetune_lr: float = 1e-4
     images_per_class: int = 10
     class_fraction: float = 0.5
+    fewshot_pool: str = "train"  # "train" (biased, like the rest) or "counterfactual" (off-background only)
     batch_size: int = 8
     progress: bool = True
 
@@ -97,6 +99,28 @@ def pretrain(settings: DemoSettings, data: Path, seed: int, out: Path) -> Path:
     return weights
 
 
+def fewshot_root(settings: DemoSettings, data: Path, out: Path) -> Path:
+    """The folder the few-shot images are drawn from: the biased training split, or (`counterfactual`) a
+    folder of links to the training images that do NOT stand on their class's background (same relative
+    paths, so the mask store and the metadata still match)."""
+    train = data / "images" / "train"
+    if settings.fewshot_pool == "train":
+        return train
+    if settings.fewshot_pool != "counterfactual":
+        raise ValueError(f"cft demo: fewshot_pool must be 'train' or 'counterfactual', got {settings.fewshot_pool!r}")
+    pool = out / "fewshot_pool_counterfactual"
+    n = settings.benchmark.num_classes
+    with open(data / "metadata.csv", newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["split"] == "train"]
+    rows = [r for r in rows if int(r["group_id"]) // n != int(r["group_id"]) % n]  # label != background
+    for row in rows:
+        link = pool / row["image"]
+        if not link.exists():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to((train / row["image"]).resolve())
+    return pool
+
+
 def finetune_and_test(settings: DemoSettings, data: Path, seed: int, method: str, weights: Path,
                       out: Path) -> dict[str, Any]:
     """Fine-tune the pretrained model with `method` and test Original vs fine-tuned; returns the results."""
@@ -105,8 +129,10 @@ def finetune_and_test(settings: DemoSettings, data: Path, seed: int, method: str
     regularizer, relevance = METHODS[method]()
     model = GuidedFineTuner(settings.backbone(str(weights)), regularizer, relevance, lr=settings.finetune_lr,
                             lr_step_size=0)
+    classes = sorted(p.name for p in (data / "images" / "train").iterdir() if p.is_dir())
     dm = GuidanceDataModule(
-        str(data / "images" / "train"), masks=str(data / "masks"), mask_kinds=["concept", "object"],
+        str(fewshot_root(settings, data, out.parent)), classes=classes, masks=str(data / "masks"),
+        mask_kinds=["concept", "object"],
         class_fraction=settings.class_fraction, images_per_class=settings.images_per_class, seed=seed,
         val_root=str(data / "images" / "val"), metadata=str(data / "metadata.csv"),
         test_root={"test_id": str(data / "images" / "test_id"), "test_ood": str(data / "images" / "test_ood")},
