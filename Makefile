@@ -1,5 +1,5 @@
 # Two commands on a fresh machine:
-#   make demo   -> creates .venv, installs everything, runs the smoke fine-tuning + test on CPU
+#   make demo   -> creates .venv, installs everything, runs `cft demo` (shortcut model + guided fine-tuning, CPU)
 #   make test   -> creates .venv, installs everything (with test extras), runs the test suite
 PY ?= python3
 VENV ?= .venv
@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # elsewhere any torch>=2.2 works: override with `make TORCH_SPEC="torch torchvision" test`.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: venv install demo test lint clean
+.PHONY: venv install demo smoke test lint clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -21,6 +21,9 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 venv install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
+	WANDB_MODE=disabled $(BIN)/cft demo --out runs/demo
+
+smoke: $(VENV)/.installed
 	WANDB_MODE=disabled $(BIN)/python -m cft_lightning.smoke_data runs/smoke_data
 	WANDB_MODE=disabled $(BIN)/cft fit --config configs/smoke.yaml
 	WANDB_MODE=disabled $(BIN)/cft test --config configs/smoke.yaml --ckpt_path last
