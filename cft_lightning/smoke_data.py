@@ -1,4 +1,4 @@
-"""Tiny deterministic synthetic dataset for the smoke config, ``make demo`` and tests.
+"""Tiny deterministic synthetic dataset for the smoke config, ``make smoke`` and tests.
 
 Each class is a coloured shape (circle, square, triangle, cross, diamond, ring, ellipse, bar) with two concept
 parts drawn on it (a light "dot" and a dark "stripe"), placed at a random position and scale on a textured
