@@ -21,10 +21,9 @@ import torch
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
-from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy
 
 from cft_lightning.evaluation.evaluator import Evaluator, predicted_class_maps
+from cft_lightning.evaluation.metrics import accuracy_metrics
 from cft_lightning.evaluation.report import print_table, write_results
 from cft_lightning.models.backbone import BackboneSpec, build_backbone, freeze, resolve_data_config
 from cft_lightning.regularizers.base import Regularizer, RegularizerOutput
@@ -122,13 +121,9 @@ class GuidedFineTuner(L.LightningModule):
         # Not a submodule: excluded from state_dict, parameters(), DDP; moved along in `_apply`.
         reference = freeze(copy.deepcopy(self.backbone)) if track_reference else None
         object.__setattr__(self, "_reference", reference)
-        top5 = min(5, self.num_classes)
-        self.metrics = nn.ModuleDict({
-            f"{stage}_{who}": MetricCollection({
-                "acc1": MulticlassAccuracy(self.num_classes, top_k=1, average="micro"),
-                "acc5": MulticlassAccuracy(self.num_classes, top_k=top5, average="micro"),
-            }) for stage in _STAGES for who in ("model", "ref")
-        })
+        self.metrics = nn.ModuleDict(
+            {f"{stage}_{who}": accuracy_metrics(self.num_classes) for stage in _STAGES for who in ("model", "ref")}
+        )
         self._warned_inference = False
 
     # ------------------------------------------------------------------ reference model
