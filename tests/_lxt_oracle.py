@@ -235,22 +235,28 @@ def random_direction(model: nn.Module, seed: int) -> list[Tensor]:
     return [torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype) for p in model.parameters()]
 
 
-def directional_fd(model: nn.Module, fn, direction: list[Tensor], h: float = 1e-5) -> float:
-    """Central difference (fn(theta + h d) - fn(theta - h d)) / 2h, parameters restored exactly afterwards."""
+def evaluate_at_offsets(model: nn.Module, fn, direction: list[Tensor], h: float) -> list:
+    """[fn() at theta + h d, fn() at theta - h d]; the parameters are restored exactly afterwards."""
     params = list(model.parameters())
     saved = [p.detach().clone() for p in params]
-    values = []
+    outs = []
     try:
         for sign in (1.0, -1.0):
             with torch.no_grad():
                 for p, p0, d in zip(params, saved, direction):
                     p.copy_(p0 + sign * h * d)
-            values.append(float(fn().detach()))
+            outs.append(fn())
     finally:
         with torch.no_grad():
             for p, p0 in zip(params, saved):
                 p.copy_(p0)
-    return (values[0] - values[1]) / (2 * h)
+    return outs
+
+
+def directional_fd(model: nn.Module, fn, direction: list[Tensor], h: float = 1e-5) -> float:
+    """Central difference (fn(theta + h d) - fn(theta - h d)) / 2h, parameters restored exactly afterwards."""
+    plus, minus = (float(v.detach()) for v in evaluate_at_offsets(model, fn, direction, h))
+    return (plus - minus) / (2 * h)
 
 
 def directional_fd_richardson(model: nn.Module, fn, direction: list[Tensor], h: float = 1e-5) -> float:

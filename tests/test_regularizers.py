@@ -13,6 +13,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from _lxt_oracle import evaluate_at_offsets
 from torch import Tensor, nn
 
 from cft_lightning.regularizers import (
@@ -79,24 +80,6 @@ def tiny_batch(concept: Tensor | None = None, obj: Tensor | None = None) -> dict
 def random_direction(model: nn.Module, seed: int = 7) -> list[Tensor]:
     gen = torch.Generator().manual_seed(seed)
     return [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in model.parameters()]
-
-
-def evaluate_at_offsets(model: nn.Module, fn, direction: list[Tensor], h: float) -> list:
-    """[fn() at theta + h d, fn() at theta - h d]; the parameters are restored exactly afterwards."""
-    params = list(model.parameters())
-    saved = [p.detach().clone() for p in params]
-    outs = []
-    try:
-        for sign in (1.0, -1.0):
-            with torch.no_grad():
-                for p, p0, d in zip(params, saved, direction):
-                    p.copy_(p0 + sign * h * d)
-            outs.append(fn())
-    finally:
-        with torch.no_grad():
-            for p, p0 in zip(params, saved):
-                p.copy_(p0)
-    return outs
 
 
 def grads_of(model: nn.Module, value: Tensor) -> dict[str, Tensor]:
