@@ -394,7 +394,7 @@ def test_validation_under_inference_mode_logs_accuracy_and_warns_once(smoke_data
     assert want != want_ref
     with pytest.warns(UserWarning, match="inference mode") as record:
         (result,) = tr.validate(model, datamodule=dm, verbose=False)
-    assert sum("relevance loss cannot be computed" in str(w.message) for w in record) == 1  # once, not per batch
+    assert sum("guided loss cannot be computed" in str(w.message) for w in record) == 1  # once, not per batch
     for key in ("val/acc1", "val/acc5", "val/ref_acc1", "val/ref_acc5"):
         assert key in result and math.isfinite(result[key]), key
     assert not [k for k in result if k.split("/")[-1] in TRAIN_TERMS]

@@ -22,6 +22,7 @@ import lightning as L
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.utils.data import DataLoader
 
+from cft_lightning.data.alignment import AlignmentMixSampler, alignment_slots
 from cft_lightning.data.errors import DataError
 from cft_lightning.data.image_folder import (
     MISSING_MASK_POLICIES,
@@ -92,6 +93,10 @@ class GuidanceDataModule(L.LightningDataModule):
         pin_memory: Pin host memory in the DataLoaders (useful on GPU).
         data_config: timm data config (``input_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct``). If
             ``null``, it is read from the attached model's ``data_config`` attribute at setup.
+        alignment_kind: Mask kind that defines LVLM-VA's alignment set (``critic``): the training images with such
+            a mask are mixed into every training batch at ``alignment_ratio`` (oversampled when few); the others
+            get an all-zero mask of that kind. ``null`` (default): ordinary shuffled batches.
+        alignment_ratio: Share of each training batch drawn from the alignment set (rounded, at least one image).
     """
 
     def __init__(
@@ -114,6 +119,8 @@ class GuidanceDataModule(L.LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         data_config: dict | None = None,
+        alignment_kind: str | None = None,
+        alignment_ratio: float = 0.5,
     ) -> None:
         super().__init__()
         for name, value, want_dir in (
@@ -139,6 +146,15 @@ class GuidanceDataModule(L.LightningDataModule):
             raise DataError(f"data.mask_kinds={list(mask_kinds)} needs data.masks (a mask store), or set mask_kinds=[]")
         if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1) or num_workers < 0:
             raise DataError("data.batch_size / eval_batch_size must be >= 1 and num_workers >= 0")
+        if alignment_kind is not None:
+            if masks is None:
+                raise DataError(f"data.alignment_kind={alignment_kind!r} needs data.masks (a mask store)")
+            try:
+                alignment_slots(batch_size, alignment_ratio)
+            except ValueError as exc:
+                raise DataError(f"data.alignment_ratio / batch_size: {exc}") from exc
+            if alignment_kind not in mask_kinds:
+                mask_kinds = [*mask_kinds, alignment_kind]
         self.root = root
         self.masks = masks
         self.mask_kinds = list(mask_kinds)
@@ -157,6 +173,8 @@ class GuidanceDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.data_config = data_config
+        self.alignment_kind = alignment_kind
+        self.alignment_ratio = alignment_ratio
         self.train_dataset: GuidanceDataset | None = None
         self.val_dataset: GuidanceDataset | None = None
         self.test_dataset: GuidanceDataset | list[GuidanceDataset] | None = None
@@ -246,9 +264,15 @@ class GuidanceDataModule(L.LightningDataModule):
         if stage in (None, "fit") and self.train_dataset is None:
             selection = self.selection
             samples = self._samples(selection.train, self.root)
-            self.train_dataset = GuidanceDataset(self.root, samples, train_tf, store, kinds, policy)
+            optional = [self.alignment_kind] if self.alignment_kind else []
+            self.train_dataset = GuidanceDataset(self.root, samples, train_tf, store, kinds, policy, optional)
             if len(self.train_dataset) == 0:
                 raise DataError(f"data.root: no training images left in {self.root} (all dropped for missing masks)")
+            if self.alignment_kind and not self.train_dataset.indices_with(self.alignment_kind):
+                raise DataError(
+                    f"data.alignment_kind: none of the {len(self.train_dataset)} training images of {self.root} has "
+                    f"a {self.alignment_kind!r} mask in {self.masks}; run the critique stage first"
+                )
         if stage in (None, "fit"):
             self._write_selection()
         if stage in (None, "fit", "validate") and self.val_dataset is None:
@@ -303,7 +327,16 @@ class GuidanceDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, "train", True, self.batch_size)
+        if self.alignment_kind is None or self.train_dataset is None:
+            return self._loader(self.train_dataset, "train", True, self.batch_size)
+        trainer = self.trainer
+        sampler = AlignmentMixSampler(
+            len(self.train_dataset), self.train_dataset.indices_with(self.alignment_kind), self.batch_size,
+            self.alignment_ratio, seed=self.seed, num_replicas=trainer.world_size if trainer is not None else 1,
+        )
+        return DataLoader(self.train_dataset, batch_size=self.batch_size, sampler=sampler, drop_last=True,
+                          num_workers=self.num_workers, pin_memory=self.pin_memory,
+                          persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation loader; an empty list (Lightning then skips validation) when no image is left for it."""

@@ -311,7 +311,8 @@ class GuidanceDataset(torch.utils.data.Dataset):
 
     Masks of ``mask_kinds`` are checked once, here, for every sample. ``missing_masks`` decides what a missing
     file does: ``"error"`` raises DataError (count and first files), ``"drop"`` removes the image (warning with the
-    count), ``"empty"`` serves an all-zero mask (one warning).
+    count), ``"empty"`` serves an all-zero mask (one warning). Kinds in ``optional_kinds`` exist for some images
+    only by design (LVLM-VA's critic masks, for the alignment set): missing ones are all-zero, silently.
     """
 
     def __init__(
@@ -322,6 +323,7 @@ class GuidanceDataset(torch.utils.data.Dataset):
         mask_store: MaskStore | None = None,
         mask_kinds: Sequence[str] = (),
         missing_masks: str = "error",
+        optional_kinds: Sequence[str] = (),
     ) -> None:
         if missing_masks not in MISSING_MASK_POLICIES:
             raise DataError(f"missing_masks must be one of {MISSING_MASK_POLICIES}, got {missing_masks!r}")
@@ -331,6 +333,7 @@ class GuidanceDataset(torch.utils.data.Dataset):
         self.transform = transform
         self.mask_store = mask_store
         self.mask_kinds = list(mask_kinds)
+        self.optional_kinds = [k for k in optional_kinds if k in self.mask_kinds]
         self.missing: set[tuple[str, str]] = set()
         self.samples = self._check_masks(list(samples), missing_masks)
 
@@ -344,7 +347,10 @@ class GuidanceDataset(torch.utils.data.Dataset):
             if key in owners:
                 raise DataError(f"images {owners[key]!r} and {s.path!r} in {self.root} share the mask file {key}")
             owners[key] = s.path
-        missing = [(s.path, k) for s in samples for k in self.mask_kinds if not store.has(s.path, k)]
+        optional = set(self.optional_kinds)
+        absent = [(s.path, k) for s in samples for k in self.mask_kinds if not store.has(s.path, k)]
+        self.missing = {(rel, k) for rel, k in absent if k in optional}  # served as all-zero, by design
+        missing = [(rel, k) for rel, k in absent if k not in optional]
         if not missing:
             return samples
         first = ", ".join(str(store.path(rel, k)) for rel, k in missing[:3])
@@ -358,11 +364,15 @@ class GuidanceDataset(torch.utils.data.Dataset):
             rank_zero_warn(f"dropping {len(bad)} image(s) of {self.root} without masks in {store.root}, e.g. {first}")
             return [s for s in samples if s.path not in bad]
         rank_zero_warn(f"using all-zero masks for {len(missing)} missing mask file(s) in {store.root}, e.g. {first}")
-        self.missing = set(missing)
+        self.missing |= set(missing)
         return samples
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def indices_with(self, kind: str) -> list[int]:
+        """Positions of the samples whose `kind` mask exists in the store (not served as all-zero)."""
+        return [i for i, s in enumerate(self.samples) if (s.path, kind) not in self.missing]
 
     def _read_mask(self, sample: Sample, kind: str, size: tuple[int, int]) -> np.ndarray:
         width, height = size

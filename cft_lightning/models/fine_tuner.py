@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import asdict
@@ -49,8 +50,9 @@ def _from_config(value: Any) -> Any:
 
 def _plugin_config(obj: Any) -> dict[str, Any]:
     cls = type(obj)
+    accepted = inspect.signature(cls.__init__).parameters
     return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": {
-        k: v for k, v in vars(obj).items() if not k.startswith("_") and k != "required_masks"
+        k: v for k, v in vars(obj).items() if not k.startswith("_") and k != "required_masks" and k in accepted
     }}
 
 
@@ -167,6 +169,16 @@ class GuidedFineTuner(L.LightningModule):
                 f"model.backbone.num_classes: {n_data} (or use an ImageNet-indexed class list with a 1000-class head)"
             )
         if stage == "fit":
+            ratio = getattr(self.regularizer, "alignment_ratio", None)
+            if ratio is not None:
+                kind = getattr(self.regularizer, "mask_kind", None)
+                if getattr(datamodule, "alignment_kind", None) != kind or getattr(
+                    datamodule, "alignment_ratio", None
+                ) != ratio:
+                    raise ValueError(
+                        f"model.regularizer {type(self.regularizer).__name__} trains on batches mixed with the "
+                        f"alignment set: set data.alignment_kind: {kind} and data.alignment_ratio: {ratio}"
+                    )
             available = set(getattr(datamodule, "mask_kinds", None) or [])
             missing = [k for k in getattr(self.regularizer, "required_masks", ()) if k not in available]
             if missing:
@@ -210,6 +222,7 @@ class GuidedFineTuner(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         labels = batch["label"]
         ref_logits = self.reference_logits(batch["image"])
+        self.regularizer.step_begin(self.global_step, self.current_epoch)
         out = self.regularizer(batch, self.backbone, self.relevance, ref_logits)
         self._check_finite(out, batch, batch_idx)
         self._log_terms("train", out, labels.numel())
@@ -225,12 +238,13 @@ class GuidedFineTuner(L.LightningModule):
                 )
 
     def _guided_eval_possible(self, batch: dict[str, Any]) -> bool:
-        if not getattr(self.regularizer, "needs_relevance", False):
+        reg = self.regularizer
+        if not (getattr(reg, "needs_relevance", False) or getattr(reg, "needs_autograd", False)):
             return True
         if torch.is_inference_mode_enabled():
             if not self._warned_inference:
                 rank_zero_warn(
-                    "validation runs under inference mode, so the relevance loss cannot be computed; only "
+                    "validation runs under inference mode, so the guided loss cannot be computed; only "
                     "accuracy is logged. Set trainer.inference_mode: false to log val/loss."
                 )
                 self._warned_inference = True

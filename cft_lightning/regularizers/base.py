@@ -46,10 +46,17 @@ class Regularizer(ABC):
         required_masks: mask kinds the batch must carry (`batch["masks"][kind]`); the data module is
             checked against them before training starts.
         needs_relevance: whether the method calls the relevance method (else its `relevance` is ignored).
+        needs_autograd: whether the objective differentiates through the model itself (input gradients):
+            such a loss cannot be evaluated under inference mode either.
     """
 
     required_masks: ClassVar[tuple[str, ...]] = ()
     needs_relevance: ClassVar[bool] = False
+    needs_autograd: ClassVar[bool] = False
+
+    def step_begin(self, global_step: int, epoch: int) -> None:
+        """Called before every training step (for schedules such as GradMask's growing penalty)."""
+        return None
 
     @abstractmethod
     def __call__(

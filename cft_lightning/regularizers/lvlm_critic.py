@@ -1,0 +1,54 @@
+"""LVLM-VA's alignment step (Koebler et al., CVPR 2026): RRR on the corrective masks of an LVLM critic.
+
+The critique stage marks, for a small alignment set (the training images the model is most confident
+on), the segments of the model's explanation that an LVLM critic and judge call spurious; their union is
+the corrective mask A (mask kind `critic`, 1 = must not be used). Fine-tuning is RRR with A as the
+penalised region:
+
+    L = CE(f(x), y) + lambda * sum_{n,i} (A_ni * d/dx_ni sum_k log p_nk)^2 (+ gamma ||theta||^2)
+
+and the alignment samples are mixed into every batch at a fixed ratio, oversampled when few. The mixing
+is the data module's job (`data.alignment_kind: critic`, `data.alignment_ratio`); images outside the
+alignment set carry an all-zero critic mask and contribute cross-entropy only. lambda: 1 on the paper's
+real data (ISIC, knee X-ray), 1e5 on DecoyMNIST.
+"""
+
+from __future__ import annotations
+
+from cft_lightning.regularizers.rrr import RRR, Reduction
+
+__all__ = ["LVLMCritic"]
+
+
+class LVLMCritic(RRR):
+    """RRR on critic masks (`mask_role: irrelevant`), expecting batches mixed with alignment samples."""
+
+    required_masks = ("critic",)
+
+    def __init__(
+        self,
+        grad_weight: float = 1.0,
+        cls_weight: float = 1.0,
+        l2_weight: float = 0.0,
+        reduction: Reduction = "sum",
+        mask_kind: str = "critic",
+        alignment_ratio: float = 0.5,
+        temperature: float = 1.0,
+    ) -> None:
+        """
+        Args:
+            grad_weight: lambda (1 on real data in LVLM-VA, 1e5 on DecoyMNIST).
+            cls_weight: weight of the cross-entropy on the labels.
+            l2_weight: gamma, optional weight decay term.
+            reduction: `sum` (the paper's formula) or `mean` over the penalised pixels.
+            mask_kind: the corrective masks (`critic`).
+            alignment_ratio: share of every batch drawn from the alignment set; the data module must be
+                configured with the same `alignment_ratio` and `alignment_kind` (checked at start-up).
+            temperature: T in CE(logits / T, y).
+        """
+        if not 0.0 < alignment_ratio < 1.0:
+            raise ValueError(f"alignment_ratio must lie in (0, 1), got {alignment_ratio}")
+        super().__init__(grad_weight=grad_weight, cls_weight=cls_weight, l2_weight=l2_weight, reduction=reduction,
+                         mask_kind=mask_kind, mask_role="irrelevant", consistency_target="label",
+                         temperature=temperature)
+        self.alignment_ratio = alignment_ratio
