@@ -26,7 +26,18 @@ from torch import Tensor, nn
 
 from cft_lightning.data.datamodule import GuidanceDataModule
 from cft_lightning.models import BackboneSpec, GuidedFineTuner, NonFiniteLossError
-from cft_lightning.regularizers import CFT, ObjectMaskGuidance, PlainFineTuning, Regularizer, RegularizerOutput
+from cft_lightning.regularizers import (
+    CFT,
+    RRDA,
+    RRR,
+    GradMask,
+    LVLMCritic,
+    ObjectMaskGuidance,
+    PlainFineTuning,
+    Regularizer,
+    RegularizerOutput,
+    RobustViT,
+)
 from cft_lightning.relevance import AttnLRP, GradientRollout, UnsupportedModelError
 from cft_lightning.smoke_data import generate
 
@@ -639,8 +650,13 @@ def test_trainer_applies_the_step_schedule_per_epoch(smoke_data: Path, tmp_path:
         lambda: (CFT(concept_weight=0.3, loss_form="release", mask_kind="object"), AttnLRP(attention_rule="cp")),
         lambda: (ObjectMaskGuidance(temperature=0.5), GradientRollout(normalize="positive_max")),
         lambda: (PlainFineTuning(consistency_target="self"), None),
+        lambda: (RRR(grad_weight=1.0, reduction="mean"), None),
+        lambda: (GradMask(form="authors", penalty_growth=0.1), None),
+        lambda: (RRDA(probability=0.3, context_fill="keep"), None),
+        lambda: (RobustViT(temperature=0.65), GradientRollout()),
+        lambda: (LVLMCritic(grad_weight=10.0, alignment_ratio=0.25), None),
     ],
-    ids=["cft", "object", "plain"],
+    ids=["cft", "object", "plain", "rrr", "gradmask", "rrda", "robust_vit", "lvlm_critic"],
 )
 def test_hparams_are_plain_data_that_rebuild_the_plugins(make: Callable[[], tuple]):
     regularizer, relevance = make()

@@ -50,9 +50,11 @@ def _from_config(value: Any) -> Any:
 
 def _plugin_config(obj: Any) -> dict[str, Any]:
     cls = type(obj)
-    accepted = inspect.signature(cls.__init__).parameters
+    params = inspect.signature(cls.__init__).parameters
+    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": {
-        k: v for k, v in vars(obj).items() if not k.startswith("_") and k != "required_masks" and k in accepted
+        k: v for k, v in vars(obj).items()
+        if not k.startswith("_") and k != "required_masks" and (open_ended or k in params)
     }}
 
 
