@@ -74,14 +74,14 @@ def directional(grads: dict[str, Tensor], model: nn.Module, direction: list[Tens
 H = 1e-6  # float64: truncation error ~1e-9 relative here, rounding ~1e-10
 
 
-def check_gradient_matches_fd(reg, relevance, batch, reference_logits=None) -> dict[str, Tensor]:
+def check_gradient_matches_fd(reg, relevance, batch, reference_logits=None, model=None) -> dict[str, Tensor]:
     """Backprop the total, then compare <grad, d> with the central difference of the total along d.
 
     The piecewise parts of the objective must not switch between theta - h d and theta + h d: the argmax of
     the logits (consistency target 'self', relevance target 'self') and the argmin / argmax cell of each raw
     map (the kinks of the min-max normalisation and of the [eps, 1 - eps] clamp). This is asserted.
     """
-    model = tiny_vit()
+    model = tiny_vit() if model is None else model
     out = reg(batch, model, relevance, reference_logits)
     assert torch.isfinite(out.total)
     grads = grads_of(model, out.total)

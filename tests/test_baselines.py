@@ -241,7 +241,7 @@ class Seeded:
 
 
 def test_rrda_trains_on_the_composites():
-    model, batch = tiny_vit(), tiny_batch()
+    model, batch = tiny_vit().train(), tiny_batch()  # no dropout in the tiny ViT: train mode computes the same
     batch["label"] = torch.tensor([1, 3])
     out = Seeded(RRDA(probability=1.0))(batch, model, None, None)
     assert out.terms["augmented"].item() == 1.0
@@ -250,7 +250,14 @@ def test_rrda_trains_on_the_composites():
     torch.testing.assert_close(out.total, F.cross_entropy(model(mixed), batch["label"]), rtol=1e-12, atol=0)
     plain = F.cross_entropy(model(batch["image"]), batch["label"])
     assert abs(out.total.item() - plain.item()) > 1e-6
-    check_gradient_matches_fd(Seeded(RRDA(probability=1.0)), None, batch)
+    check_gradient_matches_fd(Seeded(RRDA(probability=1.0)), None, batch, model=tiny_vit().train())
+
+
+def test_rrda_evaluates_real_images_in_eval_mode():
+    model, batch = tiny_vit().eval(), tiny_batch()
+    out = RRDA(probability=1.0)(batch, model, None, None)
+    assert out.terms["augmented"].item() == 0.0
+    torch.testing.assert_close(out.total, F.cross_entropy(model(batch["image"]), batch["label"]), rtol=1e-12, atol=0)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import sys
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 import timm
 import yaml
 
+from cft_lightning import regularizers
 from cft_lightning.cli import main
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -57,3 +59,63 @@ def test_config_parses(path: Path, capsys: pytest.CaptureFixture, monkeypatch: p
         assert name == "vit_base_patch16_224.orig_in21k_ft_in1k"
     if path.stem == "convnextv2_cft":
         assert "issue 5" in text, "the ConvNeXt config must say its relevance method comes later"
+
+
+# --------------------------------------------------------------------------------------------------
+# baseline snippets, layered over the backbone configs
+
+SNIPPETS = sorted((Path(__file__).resolve().parents[1] / "configs" / "baselines").glob("*.yaml"))
+BASES = {"vit_b": "vit_b_cft", "dinov2": "dinov2_cft", "deit3": "deit3_cft", "convnextv2": "convnextv2_cft"}
+# CFT paper Table 8: (class, {init_arg: value}, lr) per method and backbone.
+TABLE8 = {
+    "rrr": {"vit_b": ({"cls_weight": 2e-6, "grad_weight": 1e-10}, 2e-6),
+            "dinov2": ({"cls_weight": 2e-8, "grad_weight": 1e-10}, 1e-5),
+            "deit3": ({"cls_weight": 2e-6, "grad_weight": 1e-10}, 5e-6),
+            "convnextv2": ({"cls_weight": 2e-6, "grad_weight": 1e-8}, 3e-6)},
+    "gradmask": {k: ({"cls_weight": 0.1, "penalty_weight": 50.0}, lr)
+                 for k, lr in (("vit_b", 1e-3), ("dinov2", 5e-3), ("deit3", 1e-3), ("convnextv2", 5e-2))},
+    "rrda": {k: ({}, lr) for k, lr in (("vit_b", 2e-6), ("dinov2", 1e-5), ("deit3", 5e-6), ("convnextv2", 3e-6))},
+    "robust_vit": {"vit_b": ({"background_weight": 2.0, "foreground_weight": 0.3, "temperature": 1.0}, 3e-6),
+                   "deit3": ({"background_weight": 2.0, "foreground_weight": 0.3, "temperature": 0.65}, 8e-7)},
+    "lvlm_va": {"vit_b": ({"grad_weight": 1.0, "alignment_ratio": 0.5}, 2e-6)},
+}
+CLASSES = {"rrr": "RRR", "gradmask": "GradMask", "rrda": "RRDA", "robust_vit": "RobustViT", "lvlm_va": "LVLMCritic"}
+
+
+def test_every_table8_baseline_has_a_snippet_for_every_backbone() -> None:
+    names = {p.stem for p in SNIPPETS}
+    for method, per_backbone in TABLE8.items():
+        assert {f"{method}_{k}" for k in per_backbone} <= names
+    assert {f"{m}_{k}" for m in ("rrr", "gradmask", "rrda") for k in BASES} <= names
+
+
+@pytest.mark.parametrize("path", SNIPPETS, ids=[p.stem for p in SNIPPETS])
+def test_baseline_snippet_parses_over_its_base_config(path: Path, capsys: pytest.CaptureFixture,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["cft"])
+    text = path.read_text()
+    assert text.lstrip().startswith("#")
+    method, backbone = next((m, path.stem[len(m) + 1:]) for m in TABLE8 if path.stem.startswith(m + "_"))
+    base = Path(__file__).resolve().parents[1] / "configs" / f"{BASES[backbone]}.yaml"
+    assert f"--config configs/{base.name} --config configs/baselines/{path.name}" in text
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(base), "--config", str(path), "--print_config"])
+    out = capsys.readouterr()
+    assert exit_info.value.code in (0, None), out.err
+    config = yaml.safe_load(out.out)
+    model = config["model"]
+    assert model["regularizer"]["class_path"] == f"cft_lightning.regularizers.{CLASSES[method]}"
+    values, lr = TABLE8[method][backbone]
+    args = model["regularizer"]["init_args"]
+    for key, want in values.items():
+        assert args[key] == pytest.approx(want), key
+    assert model["lr"] == pytest.approx(lr)
+    # nothing of CFT's objective leaks through the layering
+    assert set(args) <= set(inspect.signature(getattr(regularizers, CLASSES[method])).parameters)
+    assert config["trainer"]["default_root_dir"] == f"runs/{path.stem}"
+    assert (model["relevance"] is None) == (method != "robust_vit")
+    if method == "lvlm_va":
+        assert config["data"]["alignment_kind"] == "critic"
+        assert config["data"]["alignment_ratio"] == args["alignment_ratio"]
+    else:
+        assert config["data"]["mask_kinds"] == [args["mask_kind"]]

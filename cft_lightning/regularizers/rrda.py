@@ -13,7 +13,8 @@ documented argument:
   original and augmented samples are mixed in every batch;
 - context: j's own foreground is removed, its pixels filled with the mean colour of j's context
   (`context_fill: mean`), so no evidence of j's class remains; `keep` leaves j's object in place;
-- masks: soft mask values blend the two images linearly.
+- masks: soft mask values blend the two images linearly;
+- evaluation: only a model in training mode sees composites; validation scores the real images.
 """
 
 from __future__ import annotations
@@ -107,7 +108,8 @@ class RRDA(Regularizer):
         images = batch["image"]
         labels = labels_of(batch).to(images.device)
         masks = self.masks_of(batch, self.mask_kind)
-        mixed, _, applied = composite_foregrounds(images, masks, labels, self.probability, self.context_fill)
+        probability = self.probability if model.training else 0.0  # validation scores the real images
+        mixed, _, applied = composite_foregrounds(images, masks, labels, probability, self.context_fill)
         logits = model(mixed)
         cls = F.cross_entropy(logits / self.temperature, labels)
         terms = {"cls": cls, "augmented": applied.float().mean()}
