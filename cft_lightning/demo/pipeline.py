@@ -23,22 +23,46 @@ import torch
 
 from cft_lightning.benchmarks import ShortcutPartsSpec, build_shortcut_parts
 from cft_lightning.data.datamodule import GuidanceDataModule
+from cft_lightning.data.image_folder import GuidanceDataset, build_samples
+from cft_lightning.data.mask_store import MaskStore
+from cft_lightning.data.transforms import build_transforms
 from cft_lightning.models import BackboneSpec, GuidedFineTuner
-from cft_lightning.regularizers import CFT, ObjectMaskGuidance, PlainFineTuning, Regularizer
+from cft_lightning.models.backbone import build_backbone, resolve_data_config
+from cft_lightning.regularizers import (
+    CFT,
+    RRDA,
+    RRR,
+    GradMask,
+    LVLMCritic,
+    ObjectMaskGuidance,
+    PlainFineTuning,
+    Regularizer,
+    RobustViT,
+)
 from cft_lightning.relevance import AttnLRP, GradientRollout
 
-__all__ = ["METHODS", "DemoSettings", "run_demo"]
+__all__ = ["ALL_METHODS", "METHODS", "DemoSettings", "oracle_critic_store", "run_demo"]
 
-# name -> (regularizer, relevance method) factories; every method fine-tunes the same pretrained model.
+# name -> (regularizer, relevance method) factories; every method fine-tunes the same pretrained model with the
+# same learning rate and epochs (the demo's), and the loss weights of its paper (CFT Table 8 for ViT-B).
 METHODS: dict[str, Any] = {
-    "plain": lambda: (PlainFineTuning(consistency_target="label"), AttnLRP()),
+    "plain": lambda: (PlainFineTuning(consistency_target="label"), None),
     "object": lambda: (ObjectMaskGuidance(), AttnLRP()),
     "cft": lambda: (CFT(), AttnLRP()),
     # the paper's "w/ ground-truth" ablation: consistency CE on the label instead of the model's own argmax
     "cft_gt": lambda: (CFT(consistency_target="label"), AttnLRP()),
     # the CFT release's regime: gradient rollout with attention gradients held constant
     "cft_rollout": lambda: (CFT(), GradientRollout()),
+    "rrr": lambda: (RRR(), None),
+    "gradmask": lambda: (GradMask(), None),
+    "rrda": lambda: (RRDA(), None),
+    "robust_vit": lambda: (RobustViT(), GradientRollout()),
+    # LVLM-VA's alignment with an oracle critic: the benchmark's background masks as corrective masks
+    "lvlm_va": lambda: (LVLMCritic(alignment_ratio=0.5), None),
 }
+# `cft demo --methods all`: the controls, CFT and every baseline (the variants cft_gt / cft_rollout are probes)
+ALL_METHODS = ["plain", "object", "cft", "rrr", "gradmask", "rrda", "robust_vit", "lvlm_va"]
+CRITIC_KIND = "critic"
 
 
 @dataclass
@@ -121,6 +145,38 @@ def fewshot_root(settings: DemoSettings, data: Path, out: Path) -> Path:
     return pool
 
 
+def oracle_critic_store(dm: GuidanceDataModule, data: Path, weights: Path, settings: DemoSettings,
+                        store_dir: Path) -> Path:
+    """A mask store for LVLM-VA: the benchmark's masks (linked) plus `critic` masks for the alignment set.
+
+    The alignment set follows LVLM-VA's low-entropy sampling: the half of the few-shot training images on which
+    the pretrained model's prediction has the lowest entropy. Their corrective mask is the background (1 - the
+    object mask): what a perfect critic marks as spurious here, since the background is the shortcut. (The LVLM
+    critic itself comes with the critique stage; the oracle isolates the alignment step.)
+    """
+    source = data / "masks"
+    store_dir.mkdir(parents=True, exist_ok=True)
+    for entry in source.iterdir():  # object/concept masks and the manifest, shared with the benchmark
+        link = store_dir / entry.name
+        if not link.exists() and entry.name != CRITIC_KIND:
+            link.symlink_to(entry.resolve())
+    root = Path(dm.root)
+    samples = build_samples(dm.selection.train, dm.class_names, None, str(root))
+    model = build_backbone(settings.backbone(str(weights))).eval()
+    _, eval_tf = build_transforms(resolve_data_config(model))
+    loader = torch.utils.data.DataLoader(GuidanceDataset(root, samples, eval_tf), batch_size=64)
+    with torch.inference_mode():
+        probs = torch.cat([model(b["image"]).softmax(dim=1) for b in loader])
+    entropy = -(probs * probs.clamp_min(1e-12).log()).sum(dim=1)
+    chosen = entropy.argsort()[: max(1, len(samples) // 2)].tolist()
+    store, masks = MaskStore(store_dir), MaskStore(source)
+    for i in chosen:
+        rel = samples[i].path
+        if not store.has(rel, CRITIC_KIND):
+            store.write(rel, CRITIC_KIND, ~masks.read(rel, "object"))
+    return store_dir
+
+
 def finetune_and_test(settings: DemoSettings, data: Path, seed: int, method: str, weights: Path,
                       out: Path) -> dict[str, Any]:
     """Fine-tune the pretrained model with `method` and test Original vs fine-tuned; returns the results."""
@@ -130,14 +186,21 @@ def finetune_and_test(settings: DemoSettings, data: Path, seed: int, method: str
     model = GuidedFineTuner(settings.backbone(str(weights)), regularizer, relevance, lr=settings.finetune_lr,
                             lr_step_size=0)
     classes = sorted(p.name for p in (data / "images" / "train").iterdir() if p.is_dir())
-    dm = GuidanceDataModule(
-        str(fewshot_root(settings, data, out.parent)), classes=classes, masks=str(data / "masks"),
+    kwargs: dict[str, Any] = dict(
+        root=str(fewshot_root(settings, data, out.parent)), classes=classes, masks=str(data / "masks"),
         mask_kinds=["concept", "object"],
         class_fraction=settings.class_fraction, images_per_class=settings.images_per_class, seed=seed,
         val_root=str(data / "images" / "val"), metadata=str(data / "metadata.csv"),
         test_root={"test_id": str(data / "images" / "test_id"), "test_ood": str(data / "images" / "test_ood")},
         batch_size=settings.batch_size, eval_batch_size=64,
     )
+    dm = GuidanceDataModule(**kwargs)
+    ratio = getattr(regularizer, "alignment_ratio", None)
+    if ratio is not None:  # LVLM-VA: the same few-shot images, the low-entropy half with oracle critic masks
+        store = oracle_critic_store(dm, data, weights, settings, out.parent / f"{method}_masks")
+        kwargs.update(masks=str(store),
+                      alignment_kind=CRITIC_KIND, alignment_ratio=ratio)
+        dm = GuidanceDataModule(**kwargs)
     trainer = _trainer(settings, out, settings.finetune_epochs, limit_val_batches=0)
     trainer.fit(model, dm)
     model.relevance = AttnLRP()  # alignment is measured with the same method for every row of the table
