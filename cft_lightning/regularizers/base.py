@@ -19,7 +19,30 @@ from cft_lightning.relevance.base import Relevance, RelevanceMethod
 
 ConsistencyTarget = Literal["self", "reference", "label"]
 
-__all__ = ["ConsistencyTarget", "Regularizer", "RegularizerOutput", "consistency_loss", "masks_to_grid"]
+__all__ = [
+    "CONSISTENCY_TARGETS",
+    "ConsistencyTarget",
+    "Regularizer",
+    "RegularizerOutput",
+    "check_choice",
+    "check_positive",
+    "consistency_loss",
+    "masks_to_grid",
+]
+
+CONSISTENCY_TARGETS = ("self", "reference", "label")
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    """Raise a ValueError naming the argument when `value` is not one of `choices`."""
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(map(repr, choices))}")
+
+
+def check_positive(name: str, value: float) -> None:
+    """Raise a ValueError naming the argument when `value` is not > 0 (temperatures)."""
+    if not value > 0:
+        raise ValueError(f"{name} must be positive, got {value}")
 
 
 @dataclass

@@ -17,9 +17,12 @@ import torch
 from torch import Tensor, nn
 
 from cft_lightning.regularizers.base import (
+    CONSISTENCY_TARGETS,
     ConsistencyTarget,
     Regularizer,
     RegularizerOutput,
+    check_choice,
+    check_positive,
     consistency_loss,
     labels_of,
     masks_to_grid,
@@ -101,16 +104,12 @@ class CFT(Regularizer):
                 ablation; any kind the mask store holds).
             eps: Phi is clamped to [eps, 1 - eps] before the logs.
         """
-        if temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
+        check_positive("temperature", temperature)
         if not 0.0 < eps < 0.5:
             raise ValueError(f"eps must lie in (0, 0.5), got {eps}")
-        if loss_form not in ("paper", "release"):
-            raise ValueError(f"unknown loss_form {loss_form!r}; expected 'paper' or 'release'")
-        if consistency_target not in ("self", "reference", "label"):
-            raise ValueError(f"unknown consistency_target {consistency_target!r}; expected self|reference|label")
-        if relevance_target not in ("label", "self"):
-            raise ValueError(f"unknown relevance_target {relevance_target!r}; expected 'label' or 'self'")
+        check_choice("loss_form", loss_form, ("paper", "release"))
+        check_choice("consistency_target", consistency_target, CONSISTENCY_TARGETS)
+        check_choice("relevance_target", relevance_target, ("label", "self"))
         self.concept_weight = concept_weight
         self.non_concept_weight = non_concept_weight
         self.align_weight = align_weight

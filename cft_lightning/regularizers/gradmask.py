@@ -22,7 +22,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cft_lightning.regularizers._input_gradient import input_gradient, masked_region
-from cft_lightning.regularizers.base import Regularizer, RegularizerOutput, labels_of
+from cft_lightning.regularizers.base import (
+    Regularizer,
+    RegularizerOutput,
+    check_choice,
+    check_positive,
+    labels_of,
+)
 from cft_lightning.regularizers.rrr import MaskRole
 from cft_lightning.relevance.base import RelevanceMethod
 
@@ -61,14 +67,11 @@ class GradMask(Regularizer):
             mask_role: `relevant` (penalise outside the mask) or `irrelevant` (penalise inside it).
             temperature: T in CE(logits / T, y) (`additive` form).
         """
-        if form not in ("additive", "authors"):
-            raise ValueError(f"unknown GradMask form {form!r}; expected 'additive' or 'authors'")
+        check_choice("GradMask form", form, ("additive", "authors"))
         if min(penalty_weight, cls_weight, penalty_cap) < 0:
             raise ValueError("penalty_weight, cls_weight and penalty_cap must be >= 0")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
-        if mask_role not in ("relevant", "irrelevant"):
-            raise ValueError(f"unknown mask_role {mask_role!r}; expected 'relevant' or 'irrelevant'")
+        check_positive("temperature", temperature)
+        check_choice("mask_role", mask_role, ("relevant", "irrelevant"))
         self.penalty_weight = penalty_weight
         self.cls_weight = cls_weight
         self.form: GradMaskForm = form

@@ -7,9 +7,12 @@ from typing import Any
 from torch import Tensor, nn
 
 from cft_lightning.regularizers.base import (
+    CONSISTENCY_TARGETS,
     ConsistencyTarget,
     Regularizer,
     RegularizerOutput,
+    check_choice,
+    check_positive,
     consistency_loss,
     labels_of,
 )
@@ -28,10 +31,8 @@ class PlainFineTuning(Regularizer):
                 (CFT's consistency loss alone, i.e. CFT with the alignment weight set to 0).
             temperature: T in CE(logits / T, target).
         """
-        if temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
-        if consistency_target not in ("self", "reference", "label"):
-            raise ValueError(f"unknown consistency_target {consistency_target!r}; expected self|reference|label")
+        check_positive("temperature", temperature)
+        check_choice("consistency_target", consistency_target, CONSISTENCY_TARGETS)
         self.consistency_target: ConsistencyTarget = consistency_target
         self.temperature = temperature
 

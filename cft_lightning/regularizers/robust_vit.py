@@ -19,9 +19,12 @@ from typing import Any
 from torch import Tensor, nn
 
 from cft_lightning.regularizers.base import (
+    CONSISTENCY_TARGETS,
     ConsistencyTarget,
     Regularizer,
     RegularizerOutput,
+    check_choice,
+    check_positive,
     consistency_loss,
     labels_of,
     masks_to_grid,
@@ -67,10 +70,8 @@ class RobustViT(Regularizer):
             consistency_target: `self` (RobustViT: the trainable model's argmax), `reference` or `label`.
             mask_kind: the masks S (`object` as in RobustViT; `concept` to compare with CFT's masks).
         """
-        if temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
-        if consistency_target not in ("self", "reference", "label"):
-            raise ValueError(f"unknown consistency_target {consistency_target!r}; expected self|reference|label")
+        check_positive("temperature", temperature)
+        check_choice("consistency_target", consistency_target, CONSISTENCY_TARGETS)
         self.background_weight = background_weight
         self.foreground_weight = foreground_weight
         self.seg_weight = seg_weight

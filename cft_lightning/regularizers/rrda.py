@@ -25,7 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cft_lightning.regularizers.base import Regularizer, RegularizerOutput, labels_of
+from cft_lightning.regularizers.base import (
+    Regularizer,
+    RegularizerOutput,
+    check_choice,
+    check_positive,
+    labels_of,
+)
 from cft_lightning.relevance.base import RelevanceMethod
 
 ContextFill = Literal["mean", "keep"]
@@ -48,8 +54,7 @@ def composite_foregrounds(
     """
     if masks.shape != (images.shape[0], *images.shape[-2:]):
         raise ValueError(f"masks {tuple(masks.shape)} do not match images {tuple(images.shape)}")
-    if context_fill not in ("mean", "keep"):
-        raise ValueError(f"unknown context_fill {context_fill!r}; expected 'mean' or 'keep'")
+    check_choice("context_fill", context_fill, ("mean", "keep"))
     B, device = images.shape[0], images.device
     labels = labels.to(device)
     other = labels[:, None] != labels[None, :]
@@ -88,10 +93,8 @@ class RRDA(Regularizer):
         """
         if not 0.0 <= probability <= 1.0:
             raise ValueError(f"probability must lie in [0, 1], got {probability}")
-        if context_fill not in ("mean", "keep"):
-            raise ValueError(f"unknown context_fill {context_fill!r}; expected 'mean' or 'keep'")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
+        check_choice("context_fill", context_fill, ("mean", "keep"))
+        check_positive("temperature", temperature)
         self.probability = probability
         self.context_fill: ContextFill = context_fill
         self.mask_kind = mask_kind

@@ -20,9 +20,12 @@ from torch import Tensor, nn
 
 from cft_lightning.regularizers._input_gradient import input_gradient, masked_region
 from cft_lightning.regularizers.base import (
+    CONSISTENCY_TARGETS,
     ConsistencyTarget,
     Regularizer,
     RegularizerOutput,
+    check_choice,
+    check_positive,
     consistency_loss,
     labels_of,
 )
@@ -78,16 +81,12 @@ class RRR(Regularizer):
             consistency_target: target of the cross-entropy: `label` (RRR is supervised), `self`, `reference`.
             temperature: T in CE(logits / T, target).
         """
-        if temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
+        check_positive("temperature", temperature)
         if min(grad_weight, cls_weight, l2_weight) < 0:
             raise ValueError("grad_weight, cls_weight and l2_weight must be >= 0")
-        if reduction not in ("sum", "mean"):
-            raise ValueError(f"unknown reduction {reduction!r}; expected 'sum' or 'mean'")
-        if mask_role not in ("relevant", "irrelevant"):
-            raise ValueError(f"unknown mask_role {mask_role!r}; expected 'relevant' or 'irrelevant'")
-        if consistency_target not in ("self", "reference", "label"):
-            raise ValueError(f"unknown consistency_target {consistency_target!r}; expected self|reference|label")
+        check_choice("reduction", reduction, ("sum", "mean"))
+        check_choice("mask_role", mask_role, ("relevant", "irrelevant"))
+        check_choice("consistency_target", consistency_target, CONSISTENCY_TARGETS)
         self.grad_weight = grad_weight
         self.cls_weight = cls_weight
         self.l2_weight = l2_weight
