@@ -1,42 +1,17 @@
-"""Input gradients that stay in the autograd graph (shared by RRR, GradMask and LVLM-VA's critic loss).
+"""Shared pieces of the input-gradient penalties (RRR, GradMask, LVLM-VA's critic loss).
 
-The RobustViT reference scripts take these gradients without `create_graph`, so their penalty is a
-constant and never reaches the weights. Here the gradient is taken with `create_graph=True`: a penalty on
-it is differentiated a second time, through the model, into the parameters.
+The RobustViT reference scripts take the input gradient without `create_graph`, so their penalty is a
+constant and never reaches the weights. `input_gradient` (from `relevance.input_gradient`) keeps the graph:
+a penalty on it is differentiated a second time, through the model, into the parameters.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from torch import Tensor
 
-import torch
-from torch import Tensor, nn
-
-from cft_lightning.relevance._vit import explicit_attention
+from cft_lightning.relevance.input_gradient import input_gradient
 
 __all__ = ["input_gradient", "masked_region"]
-
-
-def input_gradient(
-    model: nn.Module, images: Tensor, score: Callable[[Tensor], Tensor], *, create_graph: bool = True
-) -> tuple[Tensor, Tensor]:
-    """One forward pass; returns (logits, d score(logits) / d images) of shape (B, C) and images.shape.
-
-    `score` maps the (B, C) logits to a scalar (sum over the batch: the images do not interact, so the
-    gradient of the sum holds each image's own gradient). timm attention runs its explicit path on this
-    instance during the forward: the fused kernel has no double backward.
-    """
-    if torch.is_inference_mode_enabled():
-        raise RuntimeError(
-            "input-gradient penalties need autograd, but this runs under torch.inference_mode(); "
-            "set trainer.inference_mode: false"
-        )
-    with torch.enable_grad():
-        x = images.detach().requires_grad_(True)
-        with explicit_attention(model):
-            logits = model(x)
-        (grad,) = torch.autograd.grad(score(logits), x, create_graph=create_graph and torch.is_grad_enabled())
-    return logits, grad
 
 
 def masked_region(masks: Tensor, role: str, like: Tensor) -> Tensor:

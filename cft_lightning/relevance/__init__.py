@@ -4,10 +4,13 @@ from cft_lightning.relevance._vit import UnsupportedModelError, explicit_attenti
 from cft_lightning.relevance.attn_lrp import AttnLRP
 from cft_lightning.relevance.base import Relevance, RelevanceMethod, normalize_maps
 from cft_lightning.relevance.gradient_rollout import GradientRollout
+from cft_lightning.relevance.input_gradient import InputGradient, InputXGradient
 
 __all__ = [
     "AttnLRP",
     "GradientRollout",
+    "InputGradient",
+    "InputXGradient",
     "Relevance",
     "RelevanceMethod",
     "UnsupportedModelError",
