@@ -1,0 +1,97 @@
+"""Grad-CAM (Selvaraju et al., ICCV 2017) for timm ViTs and CNNs, batched and differentiable.
+
+    w_c = mean over the grid of d y_target / d A_c,      map = relu(sum_c w_c A_c)
+
+A is the output of one layer: for a ViT the tokens entering the last block's attention
+(`blocks.-1.norm1`, pytorch-grad-cam's recommended ViT layer), with the prefix tokens dropped and the patch
+tokens placed on their grid; for a CNN a (B, C, h, w) feature map (default: the last stage). The release's
+"gradcam" is a different method (a rollout; see docs/relevance.md); this is Grad-CAM proper. With
+`differentiable=True` the gradient is taken with `create_graph=True`: the map's parameter gradient is
+exact (second order).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from cft_lightning.relevance._vit import UnsupportedModelError, explicit_attention
+from cft_lightning.relevance.base import Normalization, RelevanceMethod, resolve_targets
+from cft_lightning.relevance.gradient_rollout import _grid
+
+__all__ = ["GradCAM", "default_cam_layer"]
+
+
+def default_cam_layer(model: nn.Module) -> str:
+    """`blocks.-1.norm1` for ViTs, `stages.-1` for staged CNNs (ConvNeXt, ResNet-like timm models)."""
+    blocks = getattr(model, "blocks", None)
+    if isinstance(blocks, nn.Sequential | nn.ModuleList) and len(blocks) and hasattr(blocks[-1], "norm1"):
+        return "blocks.-1.norm1"
+    stages = getattr(model, "stages", None)
+    if isinstance(stages, nn.Sequential | nn.ModuleList) and len(stages):
+        return "stages.-1"
+    raise UnsupportedModelError(
+        f"no default Grad-CAM layer for {type(model).__name__}: name one with GradCAM(layer='<module path>')"
+    )
+
+
+def _resolve(model: nn.Module, path: str) -> nn.Module:
+    module = model
+    for part in path.split("."):
+        try:
+            module = module[int(part)] if part.lstrip("-").isdigit() else getattr(module, part)
+        except (AttributeError, IndexError, TypeError) as exc:
+            raise UnsupportedModelError(f"{type(model).__name__} has no module {path!r} (at {part!r})") from exc
+    return module
+
+
+class GradCAM(RelevanceMethod):
+    """Gradient-weighted class activation map of one layer, on that layer's grid."""
+
+    differentiability = "exact"
+    architectures = ("timm ViTs (token layers)", "CNNs (feature-map layers)")
+
+    def __init__(self, layer: str | None = None, normalize: Normalization = "minmax", eps: float = 1e-8) -> None:
+        """
+        Args:
+            layer: dotted path of the explained module (negative indices allowed, e.g. `blocks.-1.norm1`);
+                None picks `default_cam_layer`.
+            normalize: `minmax` or `positive_max` (see `normalize_maps`).
+            eps: normalisation stabiliser.
+        """
+        super().__init__(normalize=normalize, eps=eps)
+        self.layer = layer
+
+    def check_model(self, model: nn.Module) -> None:
+        _resolve(model, self.layer or default_cam_layer(model))
+
+    def explain(
+        self, model: nn.Module, images: Tensor, targets: Tensor | None, *, differentiable: bool
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        module = _resolve(model, self.layer or default_cam_layer(model))
+        outputs: list[Tensor] = []
+        handle = module.register_forward_hook(lambda _m, _i, out: outputs.append(out))
+        try:
+            with explicit_attention(model):
+                logits = model(images)
+        finally:
+            handle.remove()
+        if len(outputs) != 1:
+            raise UnsupportedModelError(f"Grad-CAM layer ran {len(outputs)} times in one forward pass (expected 1)")
+        acts = outputs[0]
+        targets = resolve_targets(logits, targets)
+        score = logits.gather(1, targets[:, None]).sum()
+        (grads,) = torch.autograd.grad(score, acts, create_graph=differentiable and torch.is_grad_enabled(),
+                                       retain_graph=True)
+        if acts.dim() == 3:  # ViT tokens (B, N, D): patch tokens onto the grid, channels last
+            prefix = getattr(model, "num_prefix_tokens", 1)
+            acts, grads = acts[:, prefix:], grads[:, prefix:]
+            h, w = _grid(model, images, acts.shape[1])
+            weights = grads.mean(dim=1, keepdim=True)  # (B, 1, D)
+            raw = (weights * acts).sum(dim=-1).clamp_min(0).reshape(-1, h, w)
+        elif acts.dim() == 4:  # CNN feature map (B, C, h, w)
+            weights = grads.mean(dim=(2, 3), keepdim=True)
+            raw = (weights * acts).sum(dim=1).clamp_min(0)
+        else:
+            raise UnsupportedModelError(f"Grad-CAM layer output has shape {tuple(acts.shape)}; expected 3 or 4 dims")
+        return raw, logits, targets
