@@ -77,3 +77,13 @@ def test_normalized_rollout_rows_sum_to_one():
     attn = [torch.rand(2, 5, 5) for _ in range(3)]
     joint = normalized_rollout(attn)
     torch.testing.assert_close(joint.sum(-1), torch.ones(2, 5))
+
+
+def test_training_with_a_non_differentiable_method_warns():
+    from cft_lightning.models import BackboneSpec, GuidedFineTuner
+    from cft_lightning.regularizers import CFT
+
+    spec = BackboneSpec("vit_tiny_patch16_224", pretrained=False, num_classes=3,
+                        model_kwargs={"img_size": 32, "patch_size": 8, "depth": 2})
+    with pytest.warns(UserWarning, match="IIA is not differentiable"):
+        GuidedFineTuner(spec, CFT(), IIA(steps=1))

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from cft_lightning.benchmarks import ShortcutPartsSpec
-from cft_lightning.demo.pipeline import ALL_METHODS, METHODS, DemoSettings, run_demo
+from cft_lightning.demo.pipeline import METHOD_GROUPS, METHODS, DemoSettings, run_demo
 
 __all__ = ["DemoSettings", "main", "run_demo"]
 
@@ -25,9 +25,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cft demo", description="Repair a shortcut model with guided fine-tuning, on CPU.")
     p.add_argument("--out", default=d.out, help="output folder (default: %(default)s)")
     p.add_argument("--seeds", type=int, nargs="+", default=d.seeds, help="seeds to run (default: %(default)s)")
-    p.add_argument("--methods", nargs="+", default=d.methods, choices=[*sorted(METHODS), "all"],
-                   help="fine-tuning methods compared on the same pretrained model (default: %(default)s; "
-                   f"all = {' '.join(ALL_METHODS)})")
+    groups = "; ".join(f"{name} = {' '.join(members)}" for name, members in METHOD_GROUPS.items())
+    p.add_argument("--methods", nargs="+", default=d.methods, choices=[*sorted(METHODS), *METHOD_GROUPS],
+                   help=f"fine-tuning methods compared on the same pretrained model (default: %(default)s; {groups})")
     p.add_argument("--spurious_rate", type=float, default=b.spurious_rate, help="background = class rate in training")
     p.add_argument("--decoy", action="store_true", help="also draw a class-coloured decoy square")
     p.add_argument("--num_classes", type=int, default=b.num_classes)
@@ -79,8 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     from cft_lightning.demo.report import bar_chart, summarize, summary_markdown
 
     args = _parser().parse_args(argv)
-    if "all" in args.methods:
-        args.methods = list(dict.fromkeys(m for m in [*args.methods, *ALL_METHODS] if m != "all"))
+    args.methods = list(dict.fromkeys(m for name in args.methods for m in METHOD_GROUPS.get(name, [name])))
     benchmark = ShortcutPartsSpec(num_classes=args.num_classes, image_size=args.image_size,
                                   train_per_class=args.train_per_class, test_per_class=args.test_per_class,
                                   spurious_rate=args.spurious_rate, decoy=args.decoy)

@@ -39,9 +39,17 @@ from cft_lightning.regularizers import (
     Regularizer,
     RobustViT,
 )
-from cft_lightning.relevance import AttnLRP, GradientRollout
+from cft_lightning.relevance import IIA, AttnLRP, GradCAM, GradientRollout, InputXGradient
 
-__all__ = ["ALL_METHODS", "METHODS", "DemoSettings", "oracle_critic_store", "run_demo"]
+__all__ = [
+    "ALL_METHODS",
+    "METHODS",
+    "METHOD_GROUPS",
+    "TABLE7_METHODS",
+    "DemoSettings",
+    "oracle_critic_store",
+    "run_demo",
+]
 
 # name -> (regularizer, relevance method) factories; every method fine-tunes the same pretrained model with the
 # same learning rate and epochs (the demo's), and the loss weights of its paper (CFT Table 8 for ViT-B).
@@ -53,6 +61,10 @@ METHODS: dict[str, Any] = {
     "cft_gt": lambda: (CFT(consistency_target="label"), AttnLRP()),
     # the CFT release's regime: gradient rollout with attention gradients held constant
     "cft_rollout": lambda: (CFT(), GradientRollout()),
+    # the paper's Table 7: CFT with other relevance methods
+    "cft_gradcam": lambda: (CFT(), GradCAM()),
+    "cft_iia": lambda: (CFT(), IIA(steps=10)),
+    "cft_ixg": lambda: (CFT(), InputXGradient()),
     "rrr": lambda: (RRR(), None),
     "gradmask": lambda: (GradMask(), None),
     "rrda": lambda: (RRDA(), None),
@@ -62,6 +74,9 @@ METHODS: dict[str, Any] = {
 }
 # `cft demo --methods all`: the controls, CFT and every baseline (the variants cft_gt / cft_rollout are probes)
 ALL_METHODS = ["plain", "object", "cft", "rrr", "gradmask", "rrda", "robust_vit", "lvlm_va"]
+# `cft demo --methods table7`: CFT with each relevance method (the paper's Table 7 ablation)
+TABLE7_METHODS = ["cft", "cft_rollout", "cft_iia", "cft_gradcam", "cft_ixg"]
+METHOD_GROUPS = {"all": ALL_METHODS, "table7": TABLE7_METHODS}
 CRITIC_KIND = "critic"
 
 

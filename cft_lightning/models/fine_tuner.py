@@ -111,6 +111,11 @@ class GuidedFineTuner(L.LightningModule):
         self.backbone = build_backbone(backbone)
         if relevance is not None and getattr(regularizer, "needs_relevance", False):
             relevance.check_model(self.backbone)  # fail at start-up, not at the first step
+            if getattr(relevance, "differentiability", None) == "none":
+                rank_zero_warn(
+                    f"model.relevance {type(relevance).__name__} is not differentiable: the relevance terms of "
+                    f"{type(regularizer).__name__} are constants and only its other terms train the model"
+                )
         self.regularizer = regularizer
         self.relevance = relevance
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
