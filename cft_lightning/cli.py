@@ -144,12 +144,16 @@ def main(args: list[str] | None = None) -> None:
     # Lightning 2.6 calls a pytree API that torch >= 2.10 deprecates: noise for every user, nothing to act on.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     argv = sys.argv[1:] if args is None else list(args)
-    if argv[:1] == ["demo"]:  # not a Trainer subcommand: its own small parser (see cft_lightning.demo)
-        from cft_lightning.demo import main as demo_main
-
+    if argv[:1] in (["demo"], ["explain"]):  # not Trainer subcommands: their own small parsers
+        if argv[0] == "demo":
+            from cft_lightning.demo import main as command
+        else:
+            from cft_lightning.explain import main as command
         try:
-            demo_main(argv[1:])
-        except (DataError, ValueError) as err:
+            command(argv[1:])
+        except (DataError, BackboneError, UnsupportedModelError, ValueError) as err:
+            if os.environ.get("CFT_DEBUG"):
+                raise
             print(f"cft: error: {err}", file=sys.stderr)
             raise SystemExit(2) from None
         return

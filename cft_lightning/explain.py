@@ -1,0 +1,169 @@
+"""`cft explain`: relevance overlays (PNG) of the Original and the fine-tuned model, or of any timm model.
+
+    cft explain --ckpt runs/vit_b_cft/.../last.ckpt --images val/ --method attnlrp --out runs/explain
+    cft explain --model vit_base_patch16_224.augreg2_in21k_ft_in1k --pretrained --images img.jpg --method gradcam
+    cft explain --model vit_tiny_patch16_224 --weights tiny.pth --images imgs/ --masks store/ --mask_kind concept
+
+One PNG per image (its path relative to `--images`, as .png): the image as the model sees it (the model's
+evaluation transform), the mask when a mask store is given, then one overlay per model. `explain.json`
+lists every image's explained class and prediction per model. Images are explained in batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from cft_lightning.data.errors import DataError
+from cft_lightning.data.image_folder import is_image_file, load_image
+from cft_lightning.data.mask_store import MaskStore
+from cft_lightning.data.transforms import JointTransform
+from cft_lightning.models.backbone import BackboneSpec, build_backbone, resolve_data_config
+from cft_lightning.relevance import (
+    IIA,
+    AttnLRP,
+    GradCAM,
+    GradientRollout,
+    InputGradient,
+    InputXGradient,
+    RelevanceMethod,
+)
+
+__all__ = ["EXPLAIN_METHODS", "explain", "load_models", "main"]
+
+EXPLAIN_METHODS: dict[str, Any] = {
+    "attnlrp": lambda: AttnLRP(),
+    "cp_lrp": lambda: AttnLRP(attention_rule="cp"),
+    "rollout": lambda: GradientRollout(),
+    "gradcam": lambda: GradCAM(),
+    "iia": lambda: IIA(steps=10),
+    "input_grad": lambda: InputGradient(),
+    "ixg": lambda: InputXGradient(),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cft explain", description="Write relevance overlays (PNG) for images.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt", help="a `cft fit` checkpoint: explains its Original (reference) and fine-tuned model")
+    src.add_argument("--model", help="any timm model name (with --pretrained or --weights)")
+    p.add_argument("--pretrained", action="store_true", help="with --model: timm's pretrained weights (hub)")
+    p.add_argument("--weights", help="with --model: a local weight file (.pth/.bin/.safetensors/.ckpt)")
+    p.add_argument("--num_classes", type=int, default=None, help="with --model: head size (default: the model's)")
+    p.add_argument("--images", required=True, nargs="+", help="image files and/or folders (searched recursively)")
+    p.add_argument("--method", default="attnlrp", choices=sorted(EXPLAIN_METHODS), help="default: %(default)s")
+    p.add_argument("--target", default="pred",
+                   help="class to explain: `pred` (each model's prediction) or a class index (default: pred)")
+    p.add_argument("--masks", help="mask store whose masks are drawn beside the maps (keys: paths under --images)")
+    p.add_argument("--mask_kind", default="concept", help="mask kind to draw (default: %(default)s)")
+    p.add_argument("--out", default="runs/explain", help="output folder (default: %(default)s)")
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--no_progress", action="store_true")
+    return p
+
+
+def load_models(args: argparse.Namespace) -> dict[str, nn.Module]:
+    """{"original": reference, "fine_tuned": model} from a checkpoint, or {"model": model} from a timm name."""
+    if args.ckpt:
+        from cft_lightning.models import GuidedFineTuner
+
+        if not Path(args.ckpt).is_file():
+            raise DataError(f"--ckpt: {args.ckpt} does not exist")
+        module = GuidedFineTuner.load_from_checkpoint(args.ckpt, map_location="cpu")
+        if module.reference is None:
+            return {"fine_tuned": module.backbone.eval()}
+        return {"original": module.reference.eval(), "fine_tuned": module.backbone.eval()}
+    if not (args.pretrained or args.weights):
+        raise DataError("--model needs --pretrained (hub weights) or --weights <file>; random weights explain nothing")
+    spec = BackboneSpec(name=args.model, pretrained=True, checkpoint_path=args.weights, num_classes=args.num_classes)
+    return {"model": build_backbone(spec).eval()}
+
+
+def _collect(paths: list[str]) -> list[tuple[Path, str]]:
+    """(file, key) pairs: the key is the path relative to its folder argument (or the file name)."""
+    found: list[tuple[Path, str]] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found += [(f, f.relative_to(path).as_posix()) for f in sorted(path.rglob("*"))
+                      if f.is_file() and is_image_file(f.name)]
+        elif path.is_file():
+            found.append((path, path.name))
+        else:
+            raise DataError(f"--images: {raw} does not exist")
+    if not found:
+        raise DataError(f"--images: no image files in {paths}")
+    return found
+
+
+def explain(models: dict[str, nn.Module], method: RelevanceMethod, images: list[tuple[Path, str]], out: Path,
+            target: str = "pred", masks: MaskStore | None = None, mask_kind: str = "concept",
+            batch_size: int = 16, progress: bool = True) -> list[dict[str, Any]]:
+    """Explain every image with every model, write one overlay PNG per image and return the records."""
+    from rich.progress import track
+
+    from cft_lightning.demo.report import overlay_grid
+
+    first = next(iter(models.values()))
+    for m in models.values():
+        method.check_model(m)
+    config = resolve_data_config(first)
+    transform = JointTransform(config, train=False)
+    mean = torch.tensor(config["mean"]).view(3, 1, 1)
+    std = torch.tensor(config["std"]).view(3, 1, 1)
+    records: list[dict[str, Any]] = []
+    batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
+    for chunk in track(batches, description="explaining", disable=not progress):
+        tensors, shown = [], []
+        for path, key in chunk:
+            mask = {mask_kind: masks.read(key, mask_kind)} if masks is not None else {}
+            tensor, tmasks = transform(load_image(path), mask)
+            tensors.append(tensor)
+            shown.append(tmasks.get(mask_kind))
+        batch = torch.stack(tensors)
+        targets = None if target == "pred" else torch.full((len(chunk),), int(target), dtype=torch.long)
+        maps, preds, explained = {}, {}, {}
+        for name, model in models.items():
+            rel = method(model, batch, targets, differentiable=False)
+            maps[name], preds[name], explained[name] = rel.maps, rel.logits.argmax(1), rel.targets
+        pixels = ((batch * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).astype(np.uint8)
+        for i, (path, key) in enumerate(chunk):
+            mask = None if masks is None else shown[i].numpy()[None]
+            png = out / Path(key).with_suffix(".png")
+            overlay_grid(pixels[i : i + 1], mask, {n: m[i : i + 1] for n, m in maps.items()}, png,
+                         mask_title=f"{mask_kind} mask")
+            records.append({"image": str(path), "png": str(png), **{
+                name: {"explained_class": int(explained[name][i]), "predicted_class": int(preds[name][i])}
+                for name in models
+            }})
+    return records
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of `cft explain`."""
+    args = _parser().parse_args(argv)
+    if args.target != "pred" and not args.target.lstrip("-").isdigit():
+        raise DataError(f"--target must be 'pred' or a class index, got {args.target!r}")
+    if args.batch_size < 1:
+        raise DataError("--batch_size must be >= 1")
+    models = load_models(args)
+    images = _collect(args.images)
+    masks = MaskStore(args.masks) if args.masks else None
+    if masks is not None:
+        missing = [key for _, key in images if not masks.has(key, args.mask_kind)]
+        if missing:
+            raise DataError(f"--masks: {len(missing)} image(s) have no {args.mask_kind!r} mask in {args.masks}, "
+                            f"e.g. {masks.path(missing[0], args.mask_kind)}")
+    out = Path(args.out)
+    method = EXPLAIN_METHODS[args.method]()
+    with torch.enable_grad():
+        records = explain(models, method, images, out, args.target, masks, args.mask_kind, args.batch_size,
+                          progress=not args.no_progress)
+    (out / "explain.json").write_text(json.dumps({"method": args.method, "images": records}, indent=2) + "\n")
+    print(f"cft explain: {len(records)} overlay(s) in {out} (method {args.method}, models {', '.join(models)})")
