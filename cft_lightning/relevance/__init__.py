@@ -7,6 +7,8 @@ from cft_lightning.relevance.grad_cam import GradCAM
 from cft_lightning.relevance.gradient_rollout import GradientRollout
 from cft_lightning.relevance.iia import IIA
 from cft_lightning.relevance.input_gradient import InputGradient, InputXGradient
+from cft_lightning.relevance.layer_grad_x_activation import LayerGradXActivation
+from cft_lightning.relevance.zennit_lrp import ZennitLRP
 
 __all__ = [
     "AttnLRP",
@@ -15,9 +17,11 @@ __all__ = [
     "IIA",
     "InputGradient",
     "InputXGradient",
+    "LayerGradXActivation",
     "Relevance",
     "RelevanceMethod",
     "UnsupportedModelError",
+    "ZennitLRP",
     "explicit_attention",
     "normalize_maps",
 ]
