@@ -32,7 +32,9 @@ from cft_lightning.relevance import (
     GradientRollout,
     InputGradient,
     InputXGradient,
+    LayerGradXActivation,
     RelevanceMethod,
+    ZennitLRP,
 )
 
 __all__ = ["EXPLAIN_METHODS", "explain", "load_models", "main"]
@@ -45,6 +47,8 @@ EXPLAIN_METHODS: dict[str, Any] = {
     "iia": lambda: IIA(steps=10),
     "input_grad": lambda: InputGradient(),
     "ixg": lambda: InputXGradient(),
+    "grad_x_act": lambda: LayerGradXActivation(),
+    "lrp": lambda: ZennitLRP("epsilon_plus_flat"),  # CNNs (zennit), explanation only
 }
 
 

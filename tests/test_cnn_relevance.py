@@ -98,3 +98,27 @@ def test_feature_layer_errors_are_clear():
         LayerGradXActivation().check_model(nn.Linear(2, 2))
     with pytest.raises(UnsupportedModelError, match="no module"):
         LayerGradXActivation(layer="stages.9").check_model(tiny_convnext())
+
+
+def test_cft_fits_a_convnext_v2_for_a_few_steps(tmp_path):
+    import lightning as L
+
+    from cft_lightning.data.datamodule import GuidanceDataModule
+    from cft_lightning.models import BackboneSpec, GuidedFineTuner
+    from cft_lightning.smoke_data import generate
+
+    data = generate(tmp_path / "data", classes=3, per_class=2, size=32, seed=0)
+    spec = BackboneSpec("convnextv2_atto", pretrained=False, num_classes=3,
+                        model_kwargs={"depths": (1, 1, 1, 1), "dims": (8, 16, 24, 32)})
+    torch.manual_seed(0)
+    module = GuidedFineTuner(spec, CFT(), LayerGradXActivation(), lr=1e-3)
+    before = {k: v.clone() for k, v in module.backbone.state_dict().items()}
+    dm = GuidanceDataModule(str(data / "images" / "train"), masks=str(data / "masks"), images_per_class=2,
+                            class_fraction=1.0, batch_size=3)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=2, default_root_dir=tmp_path, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        inference_mode=False, limit_val_batches=0)
+    trainer.fit(module, dm)
+    after = module.backbone.state_dict()
+    assert all(torch.isfinite(v).all() for v in after.values())
+    assert not torch.equal(before["stem.0.weight"], after["stem.0.weight"])
