@@ -30,13 +30,15 @@ import torch
 
 from cft_lightning.models import BackboneSpec, GuidedFineTuner
 from cft_lightning.regularizers import CFT, RRDA, RRR, GradMask, LVLMCritic, PlainFineTuning, Regularizer, RobustViT
-from cft_lightning.relevance import AttnLRP, GradientRollout, RelevanceMethod
+from cft_lightning.relevance import AttnLRP, GradCAM, GradientRollout, InputXGradient, RelevanceMethod
 
 # name -> (regularizer, relevance) factory; the loss weights do not change the cost.
 FACTORIES: dict[str, Callable[[], tuple[Regularizer, RelevanceMethod | None]]] = {
     "plain": lambda: (PlainFineTuning(), None),
     "cft_attnlrp": lambda: (CFT(), AttnLRP()),
     "cft_rollout": lambda: (CFT(), GradientRollout()),
+    "cft_gradcam": lambda: (CFT(), GradCAM()),
+    "cft_ixg": lambda: (CFT(), InputXGradient()),
     "rrr": lambda: (RRR(), None),
     "gradmask": lambda: (GradMask(), None),
     "rrda": lambda: (RRDA(), None),
