@@ -436,3 +436,25 @@ def test_test_split_names_follow_the_mapping_order(parts: Path) -> None:
     assert parts_datamodule(parts, test_root=str(folders["id"])).test_split_names == ["test"]
     assert parts_datamodule(parts, test_root=None).test_split_names == ["test"]
 
+
+
+def test_scorer_and_class_split_accuracies():
+    """A split's scorer (a benchmark protocol) decides the hits; `class_split` adds seen / held-out accuracy."""
+    from cft_lightning.benchmarks.robustness import target_rank
+    from cft_lightning.evaluation.evaluator import Evaluator
+
+    columns = torch.tensor([2, 5])  # a 2-class subset of a 6-class head
+    ev = Evaluator(["sub", "all"], 6, scorers=[lambda z, y: target_rank(z, y, columns), None])
+    logits = torch.tensor([[0.0, 0, 1, 0, 0, 9], [9.0, 0, 1, 0, 0, 0], [0.0, 0, 0, 0, 0, 1]])
+    labels_sub = torch.tensor([1, 0, 1])  # positions in `columns`: 5, 2, 5
+    batch = {"label": labels_sub, "class_split": torch.tensor([1, 0, -1])}
+    for who in ("original", "fine_tuned"):
+        ev.update(0, who, logits, batch, None)
+        ev.update(1, who, logits, {"label": torch.tensor([5, 2, 5])}, None)
+    res = ev.results()
+    # restricted to columns 2 and 5 every row's argmax is its label; over all 6 classes row 1 (label 2) misses
+    assert res["sub"]["metrics"]["acc1"]["fine_tuned"] == 1.0
+    assert res["all"]["metrics"]["acc1"]["fine_tuned"] == pytest.approx(2 / 3)
+    assert res["sub"]["metrics"]["acc1_seen"]["original"] == 1.0
+    assert res["sub"]["metrics"]["acc1_held_out"]["original"] == 1.0
+    assert "acc1_seen" not in res["all"]["metrics"]

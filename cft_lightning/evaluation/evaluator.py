@@ -10,31 +10,53 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torchmetrics import SumMetric
 
-from cft_lightning.evaluation.metrics import GroupAccuracy, RelevanceAlignment, accuracy_metrics
+from cft_lightning.evaluation.metrics import GroupAccuracy, RankAccuracy, RelevanceAlignment
 
-__all__ = ["MODELS", "Evaluator"]
+__all__ = ["CLASS_SPLITS", "MODELS", "Evaluator", "Scorer", "plain_rank"]
 
 MODELS = ("original", "fine_tuned")
+# accuracy on the classes seen in fine-tuning and on the held-out ones (the paper's Table 4), when the
+# batch says which is which (`batch["class_split"]`: 1 seen, 0 held out, -1 unknown)
+CLASS_SPLITS = {1: "seen", 0: "held_out"}
+Scorer = Callable[[Tensor, Tensor], Tensor]
+
+
+def plain_rank(logits: Tensor, labels: Tensor) -> Tensor:
+    """Classes whose logit beats the label's: `rank < k` is a top-k hit (the ordinary all-class protocol)."""
+    return (logits > logits.gather(1, labels[:, None])).sum(dim=1)
 
 
 class Evaluator(nn.Module):
     """Metric state of one test run; a submodule, so Lightning moves it and torchmetrics syncs it under DDP."""
 
-    def __init__(self, split_names: list[str], num_classes: int, group_names: dict[int, str] | None = None) -> None:
+    def __init__(self, split_names: list[str], num_classes: int, group_names: dict[int, str] | None = None,
+                 scorers: list[Scorer | None] | None = None) -> None:
+        """
+        Args:
+            split_names: test splits in dataloader order.
+            num_classes: size of the model's head (kept for callers; ranks make accuracy head-agnostic).
+            group_names: group id -> name, for per-group accuracy and WGA.
+            scorers: per split, `(logits, labels) -> rank of the true class` (a benchmark's protocol); None
+                scores over all classes.
+        """
         super().__init__()
         self.split_names = list(split_names)
+        self.scorers = list(scorers or [None] * len(self.split_names))
         self.group_names = dict(group_names or {})
         num_groups = max(self.group_names, default=-1) + 1
         self.metrics = nn.ModuleDict()
         for split in range(len(self.split_names)):
             for who in MODELS:
-                parts: dict[str, nn.Module] = {"acc": accuracy_metrics(num_classes), "align": RelevanceAlignment()}
+                parts: dict[str, nn.Module] = {"acc": RankAccuracy(), "align": RelevanceAlignment()}
+                for name in CLASS_SPLITS.values():
+                    parts[f"acc_{name}"] = RankAccuracy()
                 if num_groups:
                     parts["groups"] = GroupAccuracy(num_groups)
                 self.metrics[f"{split}_{who}"] = nn.ModuleDict(parts)
@@ -50,9 +72,17 @@ class Evaluator(nn.Module):
         labelled = labels >= 0
         self.labelled[f"{split}_{who}"].update(labelled.sum().to(torch.float32))
         if labelled.any():
-            metrics["acc"].update(logits[labelled], labels[labelled])
+            y = labels[labelled]
+            ranks = (self.scorers[split] or plain_rank)(logits[labelled], y)
+            metrics["acc"].update(ranks)
+            if "class_split" in batch:
+                kind = batch["class_split"][labelled]
+                for value, name in CLASS_SPLITS.items():
+                    if (kind == value).any():
+                        metrics[f"acc_{name}"].update(ranks[kind == value])
             if "groups" in metrics and "group" in batch:
-                metrics["groups"].update(logits[labelled], labels[labelled], batch["group"][labelled])
+                hit_labels = torch.where(ranks == 0, y, torch.full_like(y, -1))  # the protocol's top-1 hit
+                metrics["groups"].update(hit_labels, y, batch["group"][labelled])
         if maps is not None and "object" in (batch.get("masks") or {}):
             metrics["align"].update(maps, batch["masks"]["object"])
             self.used_alignment[split] = True
@@ -72,11 +102,16 @@ class Evaluator(nn.Module):
                     warnings.filterwarnings("ignore", message=".*compute.*before.*update.*")
                     labelled = int(self.labelled[f"{split}_{who}"].compute())
                     acc = metrics["acc"].compute()
+                    split_acc = {kind: metrics[f"acc_{kind}"].compute() for kind in CLASS_SPLITS.values()}  # NaN: none
                     g = metrics["groups"].compute() if "groups" in metrics else None
                     align = metrics["align"].compute() if self.used_alignment[split] else None
                 if labelled > 0:
                     for key, value in acc.items():
                         values.setdefault(key, {})[who] = float(value)
+                    for kind, part in split_acc.items():
+                        for key, value in part.items():
+                            if not math.isnan(float(value)):
+                                values.setdefault(f"{key}_{kind}", {})[who] = float(value)
                 if labelled > 0 and g is not None and int(g["group_count"].sum()) > 0:
                     values.setdefault("worst_group_acc", {})[who] = float(g["worst_group_acc"])
                     values.setdefault("mean_group_acc", {})[who] = float(g["mean_group_acc"])

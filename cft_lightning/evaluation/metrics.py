@@ -16,7 +16,7 @@ from torch import Tensor
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-__all__ = ["GroupAccuracy", "RelevanceAlignment", "accuracy_metrics"]
+__all__ = ["GroupAccuracy", "RankAccuracy", "RelevanceAlignment", "accuracy_metrics"]
 
 # np.spacing(1): the stabiliser of Transformer-Explainability's pixAcc / IoU formulas (utils/metrices.py).
 _TE_EPS = float(np.spacing(1))
@@ -41,6 +41,35 @@ def accuracy_metrics(num_classes: int, ks: Sequence[int] = (1, 5), prefix: str |
         {f"acc{k}": MulticlassAccuracy(num_classes, top_k=min(int(k), num_classes), average="micro") for k in ks},
         prefix=prefix,
     )
+
+
+class RankAccuracy(Metric):
+    """Top-k accuracies from the rank of the true class (the number of scored classes that beat it).
+
+    The rank carries each benchmark's protocol (`benchmarks.robustness.target_rank`: all classes, a 200-class
+    subset, ObjectNet's groups), so one metric serves all of them: a top-k hit is `rank < k`. `compute()`
+    gives `{"acc1": ..., "acc5": ...}` (micro: hits over samples); NaN before any update.
+    """
+
+    full_state_update = False
+
+    def __init__(self, ks: Sequence[int] = (1, 5)) -> None:
+        super().__init__()
+        if not ks or any(int(k) < 1 for k in ks):
+            raise ValueError(f"ks must be positive integers, got {tuple(ks)}")
+        self.ks = tuple(int(k) for k in ks)
+        self.add_state("hits", default=torch.zeros(len(self.ks), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, ranks: Tensor) -> None:
+        ranks = ranks.reshape(-1)
+        k = torch.tensor(self.ks, device=ranks.device)
+        self.hits += (ranks[:, None] < k[None, :]).sum(dim=0).to(self.hits)
+        self.count += ranks.numel()
+
+    def compute(self) -> dict[str, Tensor]:
+        values = self.hits / self.count if self.count > 0 else torch.full_like(self.hits, float("nan"))
+        return {f"acc{k}": v.float() for k, v in zip(self.ks, values)}
 
 
 class GroupAccuracy(Metric):

@@ -30,6 +30,10 @@ SCHEMA = "cft_lightning.results/1"
 METRIC_LABELS = {
     "acc1": "top-1",
     "acc5": "top-5",
+    "acc1_seen": "top-1, fine-tuned classes",
+    "acc5_seen": "top-5, fine-tuned classes",
+    "acc1_held_out": "top-1, held-out classes",
+    "acc5_held_out": "top-5, held-out classes",
     "worst_group_acc": "worst-group acc (WGA)",
     "mean_group_acc": "mean group acc (unweighted)",
     "pixel_acc": "relevance pixel acc",
