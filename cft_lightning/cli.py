@@ -117,8 +117,19 @@ class CFTCLI(LightningCLI):
         kwargs.setdefault("parser_class", _Parser)
         super().__init__(GuidedFineTuner, GuidanceDataModule, *args, **kwargs)
 
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.add_argument(
+            "--benchmarks", type=str | None, default=None,
+            help="test: robustness benchmarks to run: 'all' (every configured one), or names separated by commas "
+            "(in_val,in_v2,in_a,in_r,in_sketch,objectnet,si_score_location,si_score_rotation,si_score_size); "
+            "roots from data.benchmarks or CFT_BENCHMARK_<NAME>",
+        )
+
     def before_instantiate_classes(self) -> None:
         sub = self.config.get("subcommand")
+        chosen = self.config[sub].get("benchmarks") if sub else None
+        if chosen is not None:
+            self.config[sub].data.benchmark_names = chosen
         if sub in ("validate", "test", "predict") and self.config[sub].get("ckpt_path") == "last":
             root = self.config[sub].trainer.get("default_root_dir") or os.getcwd()
             found = _newest_last_checkpoint(root)

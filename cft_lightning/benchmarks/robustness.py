@@ -28,17 +28,18 @@ import pkgutil
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from cft_lightning.data.errors import DataError
-from cft_lightning.data.image_folder import imagenet_classes, is_image_file
+from cft_lightning.data.image_folder import imagenet_classes, is_image_file, load_image
 
 __all__ = [
     "BENCHMARKS",
     "Benchmark",
+    "BenchmarkDataset",
     "BenchmarkSample",
     "Protocol",
     "get_benchmark",
@@ -275,3 +276,43 @@ def get_benchmark(name: str, root: str | os.PathLike[str], protocol: Protocol = 
     if protocol not in ("standard", "release"):
         raise DataError(f"unknown protocol {protocol!r}; expected 'standard' or 'release'")
     return BENCHMARKS[name](Path(root), protocol)
+
+
+class BenchmarkDataset(torch.utils.data.Dataset):
+    """A benchmark's images in the data module's batch format (no masks, group -1), plus `class_split`:
+    1 when the image's class was fine-tuned on, 0 when held out, -1 when that is unknown."""
+
+    def __init__(self, root: str | os.PathLike[str], benchmark: Benchmark, samples: list[BenchmarkSample],
+                 transform: Any, seen_classes: set[int] | None = None) -> None:
+        self.root = Path(root)
+        self.benchmark = benchmark
+        self.samples = samples
+        self.transform = transform
+        labels = sorted({s.label for s in samples})
+        if seen_classes is None:
+            self._split = {y: -1 for y in labels}
+        else:
+            classes = benchmark.imagenet_classes_of(torch.tensor(labels))
+            self._split = {y: int(bool(c & seen_classes)) for y, c in zip(labels, classes)}
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = self.samples[index]
+        image = load_image(self.root / sample.path)
+        b = self.benchmark.border
+        if b:
+            if image.width <= 2 * b or image.height <= 2 * b:
+                raise DataError(f"image {self.root / sample.path} is too small for the {b}-pixel border crop")
+            image = image.crop((b, b, image.width - b, image.height - b))
+        tensor, _ = self.transform(image, {})
+        return {
+            "image": tensor,
+            "label": torch.tensor(sample.label, dtype=torch.int64),
+            "masks": {},
+            "path": sample.path,
+            "group": torch.tensor(-1, dtype=torch.int64),
+            "index": torch.tensor(index, dtype=torch.int64),
+            "class_split": torch.tensor(self._split[sample.label], dtype=torch.int64),
+        }

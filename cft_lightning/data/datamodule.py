@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
+from cft_lightning.benchmarks.robustness import BENCHMARKS, BenchmarkDataset, get_benchmark
 from cft_lightning.data.alignment import AlignmentMixSampler, alignment_slots
 from cft_lightning.data.errors import DataError
 from cft_lightning.data.image_folder import (
@@ -97,6 +98,13 @@ class GuidanceDataModule(L.LightningDataModule):
             a mask are mixed into every training batch at ``alignment_ratio`` (oversampled when few); the others
             get an all-zero mask of that kind. ``null`` (default): ordinary shuffled batches.
         alignment_ratio: Share of each training batch drawn from the alignment set (rounded, at least one image).
+        benchmarks: Robustness benchmark roots for ``test``, ``{name: folder}`` (names: ``in_val``, ``in_v2``,
+            ``in_a``, ``in_r``, ``in_sketch``, ``objectnet``, ``si_score_location|rotation|size``). A benchmark
+            without a root here is looked up in the environment variable ``CFT_BENCHMARK_<NAME>``.
+        benchmark_names: Which benchmarks ``test`` runs: ``all`` (every configured one; the others are reported
+            as skipped), a comma-separated string or a list (each must be configured), or ``none``.
+        benchmark_protocol: ``standard`` (IN-A/IN-R over their 200 classes, ObjectNet's official group rule and
+            border crop) or ``release`` (the CFT release: all 1000 classes, ObjectNet's first class, no crop).
     """
 
     def __init__(
@@ -121,6 +129,9 @@ class GuidanceDataModule(L.LightningDataModule):
         data_config: dict | None = None,
         alignment_kind: str | None = None,
         alignment_ratio: float = 0.5,
+        benchmarks: dict[str, str] | None = None,
+        benchmark_names: str | list[str] = "all",
+        benchmark_protocol: str = "standard",
     ) -> None:
         super().__init__()
         for name, value, want_dir in (
@@ -175,6 +186,16 @@ class GuidanceDataModule(L.LightningDataModule):
         self.data_config = data_config
         self.alignment_kind = alignment_kind
         self.alignment_ratio = alignment_ratio
+        unknown = sorted(set(benchmarks or {}) - set(BENCHMARKS))
+        if unknown:
+            raise DataError(f"data.benchmarks: unknown benchmark(s) {unknown}; known: {', '.join(BENCHMARKS)}")
+        if benchmark_protocol not in ("standard", "release"):
+            raise DataError(f"data.benchmark_protocol must be 'standard' or 'release', got {benchmark_protocol!r}")
+        self.benchmarks = dict(benchmarks or {})
+        self.benchmark_names = benchmark_names
+        self.benchmark_protocol = benchmark_protocol
+        self.test_scorers: list[Any] = []
+        self._test_names: list[str] = []
         self.train_dataset: GuidanceDataset | None = None
         self.val_dataset: GuidanceDataset | None = None
         self.test_dataset: GuidanceDataset | list[GuidanceDataset] | None = None
@@ -283,13 +304,70 @@ class GuidanceDataModule(L.LightningDataModule):
                 if not samples:
                     rank_zero_warn(f"no validation images: {self.root} has no held-out class or unused image")
                 self.val_dataset = GuidanceDataset(self.root, samples, eval_tf, store, kinds, policy)
-        if stage == "test" and self.test_dataset is None and self.test_root is not None:
-            if isinstance(self.test_root, dict):
-                self.test_dataset = [self._optional_mask_dataset(r, eval_tf) for r in self.test_root.values()]
-            else:
-                self.test_dataset = self._optional_mask_dataset(self.test_root, eval_tf)
+        if stage == "test" and self.test_dataset is None:
+            self._setup_test(eval_tf)
         if stage == "predict" and self.predict_dataset is None and self.predict_root is not None:
             self.predict_dataset = self._optional_mask_dataset(self.predict_root, eval_tf, allow_flat=True)
+
+    def _setup_test(self, eval_tf: JointTransform) -> None:
+        """The test splits: `test_root` (one folder or a mapping) first, then the selected benchmarks."""
+        datasets: list[Any] = []
+        names: list[str] = []
+        if self.test_root is not None:
+            roots = self.test_root if isinstance(self.test_root, dict) else {"test": self.test_root}
+            for name, root in roots.items():
+                datasets.append(self._optional_mask_dataset(root, eval_tf))
+                names.append(name)
+        scorers: list[Any] = [None] * len(datasets)
+        seen = self._seen_imagenet_classes()
+        for name, root in self._selected_benchmarks().items():
+            bench, samples = get_benchmark(name, root, self.benchmark_protocol)  # type: ignore[arg-type]
+            datasets.append(BenchmarkDataset(root, bench, samples, eval_tf, seen))
+            names.append(name)
+            scorers.append(bench.rank)
+            rank_zero_info(f"cft test: {bench.title}: {len(samples)} images from {root}")
+        if not datasets:
+            raise DataError("nothing to test: set data.test_root or data.benchmarks (or CFT_BENCHMARK_<NAME>)")
+        self.test_dataset = datasets if len(datasets) > 1 or isinstance(self.test_root, dict) else datasets[0]
+        self._test_names, self.test_scorers = names, scorers
+
+    def benchmark_roots(self) -> dict[str, str]:
+        """Every benchmark with a root: `data.benchmarks`, then `CFT_BENCHMARK_<NAME>` environment variables."""
+        roots = {}
+        for name in BENCHMARKS:
+            root = self.benchmarks.get(name) or os.environ.get(f"CFT_BENCHMARK_{name.upper()}")
+            if root:
+                roots[name] = root
+        return roots
+
+    def _selected_benchmarks(self) -> dict[str, str]:
+        roots = self.benchmark_roots()
+        names = self.benchmark_names
+        if names in ("none", None, "", []):
+            return {}
+        if names == "all":
+            skipped = [n for n in BENCHMARKS if n not in roots]
+            if skipped:
+                rank_zero_info(
+                    "cft test: skipped (no root in data.benchmarks or CFT_BENCHMARK_<NAME>): " + ", ".join(skipped)
+                )
+            return roots
+        wanted = [n.strip() for n in (names.split(",") if isinstance(names, str) else names) if n.strip()]
+        unknown = [n for n in wanted if n not in BENCHMARKS]
+        if unknown:
+            raise DataError(f"--benchmarks: unknown benchmark(s) {unknown}; known: {', '.join(BENCHMARKS)}")
+        missing = [n for n in wanted if n not in roots]
+        if missing:
+            raise DataError(f"--benchmarks: no root for {missing}: set data.benchmarks.<name> or "
+                            f"CFT_BENCHMARK_{missing[0].upper()}")
+        return {n: roots[n] for n in wanted}
+
+    def _seen_imagenet_classes(self) -> set[int] | None:
+        """ImageNet indices of the fine-tuning classes, when the label space is ImageNet-1k and root exists."""
+        if self.classes != "imagenet" or not os.path.isdir(self.root):
+            return None
+        index = {name: i for i, name in enumerate(self.class_names)}
+        return {index[c] for c in self.selection.fine_tuning_classes}
 
     def _write_selection(self) -> None:
         """Record the class split in the run's log dir (rank 0), so a run can be reproduced and audited."""
@@ -347,6 +425,8 @@ class GuidanceDataModule(L.LightningDataModule):
     @property
     def test_split_names(self) -> list[str]:
         """Names of the test splits, in dataloader order (`["test"]` for a single test_root)."""
+        if self._test_names:
+            return list(self._test_names)
         return list(self.test_root) if isinstance(self.test_root, dict) else ["test"]
 
     def test_dataloader(self) -> DataLoader | list[DataLoader]:

@@ -284,7 +284,9 @@ class GuidedFineTuner(L.LightningModule):
         if len(splits) != n_loaders:
             splits = ["test"] if n_loaders == 1 else [f"test_{i}" for i in range(n_loaders)]
         groups = dict(getattr(datamodule, "group_names", None) or {})
-        self.evaluator = Evaluator(splits, self.num_classes, groups).to(self.device)
+        scorers = list(getattr(datamodule, "test_scorers", None) or [])
+        scorers = scorers if len(scorers) == len(splits) else None
+        self.evaluator = Evaluator(splits, self.num_classes, groups, scorers).to(self.device)
         self._alignment = self.relevance is not None and not torch.is_inference_mode_enabled()
         if self.relevance is not None and not self._alignment:
             rank_zero_warn(
