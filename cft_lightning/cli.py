@@ -120,8 +120,8 @@ class CFTCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_argument(
             "--benchmarks", type=str | None, default=None,
-            help="test: robustness benchmarks to run: 'all' (every configured one), or names separated by commas "
-            "(in_val,in_v2,in_a,in_r,in_sketch,objectnet,si_score_location,si_score_rotation,si_score_size); "
+            help="test: benchmarks to run: 'all' (every configured one) or comma-separated names (in_val, in_v2, "
+            "in_a, in_r, in_sketch, objectnet, si_score_location, si_score_rotation, si_score_size, imagenet_seg); "
             "roots from data.benchmarks or CFT_BENCHMARK_<NAME>",
         )
 

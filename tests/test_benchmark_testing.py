@@ -135,3 +135,64 @@ def test_objectnet_border_is_cropped_before_the_transform(tmp_path: Path):
     item = BenchmarkDataset(root, bench, samples, JointTransform(config, train=False), {954})[0]
     assert item["image"].max() == 0.0  # the frame is gone: only the black inside is left
     assert item["class_split"] == 1 and item["label"] == 0
+
+
+def write_gtsegs(path: Path, sizes: list[tuple[int, int]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """A small file in gtsegs_ijcv.mat's HDF5 layout (MATLAB column-major arrays, cell references)."""
+    import h5py
+
+    rng = np.random.default_rng(0)
+    items = []
+    with h5py.File(path, "w") as f:
+        refs = f.create_group("#refs#")
+        img_refs = np.empty((len(sizes), 1), dtype=h5py.ref_dtype)
+        gt_refs = np.empty((len(sizes), 1), dtype=h5py.ref_dtype)
+        for i, (h, w) in enumerate(sizes):
+            img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            mask = np.zeros((h, w), dtype=np.uint8)
+            mask[h // 4 : 3 * h // 4, w // 3 :] = 1
+            items.append((img, mask))
+            img_refs[i, 0] = refs.create_dataset(f"img{i}", data=img.transpose(2, 1, 0)).ref
+            m = refs.create_dataset(f"mask{i}", data=mask.transpose(1, 0))
+            cell = refs.create_dataset(f"cell{i}", data=np.array([[m.ref]], dtype=h5py.ref_dtype))
+            gt_refs[i, 0] = cell.ref
+        value = f.create_group("value")
+        value.create_dataset("img", data=img_refs)
+        value.create_dataset("gt", data=gt_refs)
+    return items
+
+
+def test_imagenet_segmentation_reads_the_mat_layout_and_scores_alignment(tmp_path: Path, trees: dict[str, Path]):
+    import torch.nn.functional as F
+
+    from cft_lightning.benchmarks.imagenet_seg import ImageNetSegmentation
+    from cft_lightning.relevance import AttnLRP
+
+    mat = tmp_path / "gtsegs_ijcv.mat"
+    items = write_gtsegs(mat, [(40, 30), (24, 48), (32, 32)])
+    module = model()
+    module.relevance = AttnLRP()
+    config = module.data_config
+    ds = ImageNetSegmentation(mat, config)
+    assert len(ds) == 3
+    item = ds[1]
+    want_mask = np.asarray(Image.fromarray(items[1][1] * 255).resize((32, 32), Image.NEAREST)) > 0
+    assert item["image"].shape == (3, 32, 32) and torch.equal(item["masks"]["object"], torch.from_numpy(want_mask))
+    assert item["label"] == -1
+
+    dm = GuidanceDataModule(str(trees["train"]), mask_kinds=[], classes="imagenet", eval_batch_size=2,
+                            benchmarks={"imagenet_seg": str(mat)}, benchmark_names="imagenet_seg")
+    trainer = L.Trainer(accelerator="cpu", default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, inference_mode=False)
+    trainer.test(module, dm, verbose=False)
+    metrics = json.loads((tmp_path / "results.json").read_text())["splits"]["imagenet_seg"]["metrics"]
+    assert "acc1" not in metrics and {"pixel_acc", "miou", "map"} <= set(metrics)
+    # pixel accuracy by hand: predicted-class AttnLRP map, bilinear to the mask, min-max, above its mean
+    x = torch.stack([ds[i]["image"] for i in range(3)])
+    gt = torch.stack([ds[i]["masks"]["object"] for i in range(3)])
+    maps = AttnLRP()(module.backbone.eval(), x, None, differentiable=False).maps
+    up = F.interpolate(maps[:, None], size=(32, 32), mode="bilinear", align_corners=False)[:, 0]
+    lo, hi = up.flatten(1).amin(1)[:, None, None], up.flatten(1).amax(1)[:, None, None]
+    up = (up - lo) / (hi - lo)
+    pred = up > up.flatten(1).mean(1)[:, None, None]
+    assert metrics["pixel_acc"]["fine_tuned"] == pytest.approx(float((pred == gt).float().mean()), abs=1e-6)

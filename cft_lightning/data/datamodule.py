@@ -22,6 +22,7 @@ import lightning as L
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
+from cft_lightning.benchmarks.imagenet_seg import ImageNetSegmentation
 from cft_lightning.benchmarks.robustness import BENCHMARKS, BenchmarkDataset, get_benchmark
 from cft_lightning.data.alignment import AlignmentMixSampler, alignment_slots
 from cft_lightning.data.errors import DataError
@@ -41,6 +42,8 @@ from cft_lightning.data.mask_store import MaskStore
 from cft_lightning.data.transforms import JointTransform, build_transforms
 
 SELECTION_FILE = "fine_tuning_classes.json"
+# classification benchmarks (robustness.py) and the segmentation set for relevance alignment (its root: the .mat file)
+ALL_BENCHMARKS = [*BENCHMARKS, "imagenet_seg"]
 
 
 def _kinds_available(store: MaskStore, samples: Sequence[Sample], kinds: Sequence[str]) -> list[str]:
@@ -99,7 +102,8 @@ class GuidanceDataModule(L.LightningDataModule):
             get an all-zero mask of that kind. ``null`` (default): ordinary shuffled batches.
         alignment_ratio: Share of each training batch drawn from the alignment set (rounded, at least one image).
         benchmarks: Robustness benchmark roots for ``test``, ``{name: folder}`` (names: ``in_val``, ``in_v2``,
-            ``in_a``, ``in_r``, ``in_sketch``, ``objectnet``, ``si_score_location|rotation|size``). A benchmark
+            ``in_a``, ``in_r``, ``in_sketch``, ``objectnet``, ``si_score_location|rotation|size``, and ``imagenet_seg``:
+            the path of ``gtsegs_ijcv.mat``, scored for relevance alignment only). A benchmark
             without a root here is looked up in the environment variable ``CFT_BENCHMARK_<NAME>``.
         benchmark_names: Which benchmarks ``test`` runs: ``all`` (every configured one; the others are reported
             as skipped), a comma-separated string or a list (each must be configured), or ``none``.
@@ -186,9 +190,9 @@ class GuidanceDataModule(L.LightningDataModule):
         self.data_config = data_config
         self.alignment_kind = alignment_kind
         self.alignment_ratio = alignment_ratio
-        unknown = sorted(set(benchmarks or {}) - set(BENCHMARKS))
+        unknown = sorted(set(benchmarks or {}) - set(ALL_BENCHMARKS))
         if unknown:
-            raise DataError(f"data.benchmarks: unknown benchmark(s) {unknown}; known: {', '.join(BENCHMARKS)}")
+            raise DataError(f"data.benchmarks: unknown benchmark(s) {unknown}; known: {', '.join(ALL_BENCHMARKS)}")
         if benchmark_protocol not in ("standard", "release"):
             raise DataError(f"data.benchmark_protocol must be 'standard' or 'release', got {benchmark_protocol!r}")
         self.benchmarks = dict(benchmarks or {})
@@ -321,6 +325,12 @@ class GuidanceDataModule(L.LightningDataModule):
         scorers: list[Any] = [None] * len(datasets)
         seen = self._seen_imagenet_classes()
         for name, root in self._selected_benchmarks().items():
+            if name == "imagenet_seg":  # relevance alignment only (object masks, no labels)
+                datasets.append(ImageNetSegmentation(root, self._resolve_data_config()))
+                names.append(name)
+                scorers.append(None)
+                rank_zero_info(f"cft test: ImageNet-Segmentation: {len(datasets[-1])} images from {root}")
+                continue
             bench, samples = get_benchmark(name, root, self.benchmark_protocol)  # type: ignore[arg-type]
             datasets.append(BenchmarkDataset(root, bench, samples, eval_tf, seen))
             names.append(name)
@@ -334,7 +344,7 @@ class GuidanceDataModule(L.LightningDataModule):
     def benchmark_roots(self) -> dict[str, str]:
         """Every benchmark with a root: `data.benchmarks`, then `CFT_BENCHMARK_<NAME>` environment variables."""
         roots = {}
-        for name in BENCHMARKS:
+        for name in ALL_BENCHMARKS:
             root = self.benchmarks.get(name) or os.environ.get(f"CFT_BENCHMARK_{name.upper()}")
             if root:
                 roots[name] = root
@@ -346,16 +356,16 @@ class GuidanceDataModule(L.LightningDataModule):
         if names in ("none", None, "", []):
             return {}
         if names == "all":
-            skipped = [n for n in BENCHMARKS if n not in roots]
+            skipped = [n for n in ALL_BENCHMARKS if n not in roots]
             if skipped:
                 rank_zero_info(
                     "cft test: skipped (no root in data.benchmarks or CFT_BENCHMARK_<NAME>): " + ", ".join(skipped)
                 )
             return roots
         wanted = [n.strip() for n in (names.split(",") if isinstance(names, str) else names) if n.strip()]
-        unknown = [n for n in wanted if n not in BENCHMARKS]
+        unknown = [n for n in wanted if n not in ALL_BENCHMARKS]
         if unknown:
-            raise DataError(f"--benchmarks: unknown benchmark(s) {unknown}; known: {', '.join(BENCHMARKS)}")
+            raise DataError(f"--benchmarks: unknown benchmark(s) {unknown}; known: {', '.join(ALL_BENCHMARKS)}")
         missing = [n for n in wanted if n not in roots]
         if missing:
             raise DataError(f"--benchmarks: no root for {missing}: set data.benchmarks.<name> or "
