@@ -196,3 +196,28 @@ def test_imagenet_segmentation_reads_the_mat_layout_and_scores_alignment(tmp_pat
     up = (up - lo) / (hi - lo)
     pred = up > up.flatten(1).mean(1)[:, None, None]
     assert metrics["pixel_acc"]["fine_tuned"] == pytest.approx(float((pred == gt).float().mean()), abs=1e-6)
+
+
+def _ddp_test(module: GuidedFineTuner, dm: GuidanceDataModule, root: str, devices: int) -> dict:
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
+                        default_root_dir=root, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        inference_mode=True)
+    trainer.test(module, dm, verbose=False)
+    return json.loads((Path(root) / "results.json").read_text())["splits"]
+
+
+@pytest.mark.slow
+def test_two_process_ddp_counts_every_image_once(trees: dict[str, Path], tmp_path: Path):
+    """8 IN-A images + 3 V2 images with eval batch 3 on 2 ranks: Lightning's default sampler would pad the
+    odd shard with a repeated image; here the counts and accuracies equal the single-process run."""
+    def dm() -> GuidanceDataModule:
+        return GuidanceDataModule(str(trees["train"]), mask_kinds=[], classes="imagenet", images_per_class=1,
+                                  class_fraction=0.5, eval_batch_size=3,
+                                  benchmarks={"in_a": str(trees["in_a"]), "in_v2": str(trees["in_v2"])})
+
+    single = _ddp_test(model(), dm(), str(tmp_path / "one"), 1)
+    double = _ddp_test(model(), dm(), str(tmp_path / "two"), 2)
+    for split in ("in_a", "in_v2"):
+        assert double[split]["num_images"] == single[split]["num_images"]
+        for metric in ("acc1", "acc5"):
+            assert double[split]["metrics"][metric] == pytest.approx(single[split]["metrics"][metric])

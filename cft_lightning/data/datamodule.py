@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
@@ -404,10 +405,19 @@ class GuidanceDataModule(L.LightningDataModule):
     def _loader(self, dataset: GuidanceDataset | None, name: str, shuffle: bool, batch_size: int) -> DataLoader:
         if dataset is None:
             raise DataError(f"no {name} dataset: set data.{name}_root (or call setup for this stage first)")
+        sampler = None
+        trainer = self.trainer
+        if name == "test" and trainer is not None and trainer.world_size > 1:
+            # Lightning's default DistributedSampler pads the last shard with repeated images, which the
+            # metrics would count twice; this one gives every image to exactly one rank (shards may differ
+            # in length by one, which the test loop and torchmetrics' sum-reduced states handle).
+            sampler = UnrepeatedDistributedSampler(dataset, num_replicas=trainer.world_size,
+                                                   rank=trainer.global_rank, shuffle=False)
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
             drop_last=False,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,

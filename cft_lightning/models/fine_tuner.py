@@ -320,7 +320,9 @@ class GuidedFineTuner(L.LightningModule):
             for metric, entry in data["metrics"].items():
                 for who, key in (("fine_tuned", metric), ("original", f"ref_{metric}")):
                     if who in entry:
-                        self.log(f"{prefix}{key}", entry[who], batch_size=max(data["num_images"], 1))
+                        self.log(f"{prefix}{key}", entry[who], batch_size=max(data["num_images"], 1),
+                                 sync_dist=True)  # already synced: the same value on every rank
+        directory = self.trainer.log_dir or self.trainer.default_root_dir  # a broadcast: every rank asks
         if not self.trainer.is_global_zero:
             return
         run = {
@@ -332,7 +334,6 @@ class GuidedFineTuner(L.LightningModule):
             f"{type(self.relevance).__qualname__}",
         }
         payload = {"run": run, "splits": results}
-        directory = self.trainer.log_dir or self.trainer.default_root_dir
         self.results_paths = write_results(payload, directory)
         print_table(payload, title=f"cft test: {self.backbone_spec.name} (values x100)")
 
