@@ -214,3 +214,19 @@ def test_fit_under_ddp_two_cpu_processes(smoke_data: Path, tmp_path: Path) -> No
     metrics = _metrics(v0)
     assert metrics["val/loss"] == metrics["val/loss"]
     assert "gloo" in proc.stderr or "distributed_backend=gloo" in proc.stdout + proc.stderr
+
+
+def test_benchmarks_flag_reaches_the_data_module(smoke_data: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    """`cft test --benchmarks in_v2`: the flag selects the benchmark; a 3-class head cannot score ImageNet."""
+    v2 = tmp_path / "v2"
+    (v2 / "0").mkdir(parents=True)
+    shutil.copy(next((smoke_data / "images" / "test").rglob("*.png")), v2 / "0" / "a.png")
+    with pytest.raises(SystemExit):
+        main(["test", *_args(smoke_data, tmp_path), "--benchmarks", "in_v2",
+              "--data.benchmarks", json.dumps({"in_v2": str(v2)})])
+    err = capsys.readouterr().err
+    assert "cft: error:" in err and "['in_v2'] score ImageNet-1k logits" in err, err
+    with pytest.raises(SystemExit):
+        main(["test", *_args(smoke_data, tmp_path), "--benchmarks", "in_a"])
+    assert "no root for ['in_a']" in capsys.readouterr().err

@@ -200,6 +200,7 @@ class GuidanceDataModule(L.LightningDataModule):
         self.benchmark_names = benchmark_names
         self.benchmark_protocol = benchmark_protocol
         self.test_scorers: list[Any] = []
+        self.benchmark_splits: list[str] = []  # test splits that are named benchmarks (ImageNet-1k labels)
         self._test_names: list[str] = []
         self.train_dataset: GuidanceDataset | None = None
         self.val_dataset: GuidanceDataset | None = None
@@ -341,6 +342,8 @@ class GuidanceDataModule(L.LightningDataModule):
             raise DataError("nothing to test: set data.test_root or data.benchmarks (or CFT_BENCHMARK_<NAME>)")
         self.test_dataset = datasets if len(datasets) > 1 or isinstance(self.test_root, dict) else datasets[0]
         self._test_names, self.test_scorers = names, scorers
+        self.benchmark_splits = names[len(names) - sum(isinstance(d, (BenchmarkDataset, ImageNetSegmentation))
+                                                       for d in datasets):]
 
     def benchmark_roots(self) -> dict[str, str]:
         """Every benchmark with a root: `data.benchmarks`, then `CFT_BENCHMARK_<NAME>` environment variables."""

@@ -175,6 +175,12 @@ class GuidedFineTuner(L.LightningModule):
                 f"the data has {n_data} classes but the backbone head has {self.num_classes}: set "
                 f"model.backbone.num_classes: {n_data} (or use an ImageNet-indexed class list with a 1000-class head)"
             )
+        benchmarks = [n for n in getattr(datamodule, "benchmark_splits", []) if n != "imagenet_seg"]
+        if stage == "test" and benchmarks and self.num_classes != 1000:
+            raise ValueError(
+                f"benchmarks {benchmarks} score ImageNet-1k logits, but the model head has {self.num_classes} "
+                "classes: test an ImageNet classifier (model.backbone.num_classes: null or 1000)"
+            )
         if stage == "fit":
             ratio = getattr(self.regularizer, "alignment_ratio", None)
             if ratio is not None:
