@@ -155,16 +155,18 @@ def main(args: list[str] | None = None) -> None:
     # Lightning 2.6 calls a pytree API that torch >= 2.10 deprecates: noise for every user, nothing to act on.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     argv = sys.argv[1:] if args is None else list(args)
-    if argv[:1] in (["demo"], ["explain"], ["masks"]):  # not Trainer subcommands: their own small parsers
+    if argv[:1] in (["demo"], ["explain"], ["masks"], ["concepts"]):  # not Trainer subcommands: own parsers
         if argv[0] == "demo":
             from cft_lightning.demo import main as command
         elif argv[0] == "explain":
             from cft_lightning.explain import main as command
+        elif argv[0] == "concepts":
+            from cft_lightning.concepts.discovery import main as command
         else:
             from cft_lightning.masks.cli import main as command
         try:
             command(argv[1:])
-        except (DataError, BackboneError, UnsupportedModelError, ValueError) as err:
+        except (DataError, BackboneError, UnsupportedModelError, ValueError, ImportError) as err:
             if os.environ.get("CFT_DEBUG"):
                 raise
             print(f"cft: error: {err}", file=sys.stderr)

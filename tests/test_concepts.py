@@ -1,0 +1,158 @@
+"""`cft concepts` against a local OpenAI-compatible stub server: good, malformed, 429 and 500 answers, the
+disk cache (a rerun makes no call), the filters, and no API key in any written file."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import zlib
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cft_lightning.cli import main
+from cft_lightning.concepts import CachedChat, discover, filter_concepts, load_concept_bank, parse_list
+
+SECRET = "sk-test-secret-0123456789"
+
+
+class Stub:
+    """Answers by object name: `cat` a list, `dog` prose once then a list, `fox` 429 once then a list,
+    `owl` always 500."""
+
+    def __init__(self) -> None:
+        self.calls: Counter[str] = Counter()
+        self.auth: set[str] = set()
+        self.lock = threading.Lock()
+
+    def answer(self, name: str) -> tuple[int, str]:
+        with self.lock:
+            self.calls[name] += 1
+            n = self.calls[name]
+        if name == "owl":
+            return 500, ""
+        if name == "fox" and n == 1:
+            return 429, ""
+        if name == "dog" and n == 1:
+            return 200, "I am happy to help! Dogs are wonderful animals."
+        items = {"tabby cat": ["- Pointed ears", "- ears pointed", "- whiskers", "- tabby cat",
+                               "- a very long description of the fur pattern"],
+                 "dog": ["1. wagging tail", "2. snout"], "fox": ["* bushy tail"]}[name]
+        return 200, "\n".join(items)
+
+
+def serve(stub: Stub):
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:  # quiet
+            pass
+
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            stub.auth.add(self.headers.get("Authorization", ""))
+            prompt = body["messages"][-1]["content"]
+            name = re.findall(r"(?:Object|Word): (.+)\n", prompt)[-1]
+            status, text = stub.answer(name)
+            if status != 200:
+                self.send_response(status)
+                self.send_header("retry-after-ms", "1")
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(json.dumps({"error": {"message": "busy", "type": "server"}}).encode())
+                return
+            payload = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                       "choices": [{"index": 0, "finish_reason": "stop",
+                                    "message": {"role": "assistant", "content": text}}],
+                       "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}
+            data = json.dumps(payload).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.fixture()
+def stub():
+    s = Stub()
+    server = serve(s)
+    yield s, f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+
+
+def bag_of_words(texts):
+    """A deterministic stand-in for a sentence embedder: normalised word counts (hashed to 512 slots)."""
+    rows = [Counter(zlib.crc32(w.encode()) % 512 for w in t.lower().split()) for t in texts]
+    out = np.zeros((len(texts), 512))
+    for i, row in enumerate(rows):
+        for j, c in row.items():
+            out[i, j] = c
+    return out / np.linalg.norm(out, axis=1, keepdims=True).clip(1e-12)
+
+
+def test_parse_list_variants():
+    assert parse_list("- Round eye.\n- a striped fin\n* Forked tail\n1. The spotted belly\n2) horn") == [
+        "round eye", "striped fin", "forked tail", "spotted belly", "horn"]
+    assert parse_list("stripes, mane, hooves") == ["stripes", "mane", "hooves"]
+    assert parse_list("Sure! Zebras are lovely animals that live in Africa.") == []
+
+
+def test_discover_with_the_stub(stub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    server, url = stub
+    monkeypatch.setenv("MY_KEY", SECRET)
+    classes = {"n1": "tabby cat", "n2": "dog", "n3": "fox", "n4": "owl"}
+    chat = CachedChat("gpt-test", tmp_path / "cache", base_url=url, api_key_env="MY_KEY", max_retries=2)
+    doc = discover(classes, chat, bag_of_words, samples=1, progress=False)
+    bank = doc["concepts"]
+    # lists parsed; the class name, the too-long item and one of two duplicates removed
+    assert bank["n1"] == ["pointed ears", "whiskers"] or bank["n1"] == ["ears pointed", "whiskers"]
+    assert bank["n2"] == ["wagging tail", "snout"]  # prose first: asked again
+    assert bank["n3"] == ["bushy tail"]  # 429 first: retried by the client
+    assert "n4" not in bank and "InternalServerError" in doc["provenance"]["failed"]["n4"]
+    report = doc["provenance"]["filter_report"]["n1"]
+    assert report["class_name"] == ["tabby cat"] and report["too_long"] and report["duplicate"]
+    assert server.auth == {f"Bearer {SECRET}"}
+    assert doc["provenance"]["usage"]["prompt_tokens"] > 0
+    # a rerun answers everything from the cache except the failing class
+    before = sum(v for k, v in server.calls.items() if k != "owl")
+    again = discover(classes, CachedChat("gpt-test", tmp_path / "cache", base_url=url, api_key_env="MY_KEY",
+                                         max_retries=0), bag_of_words, samples=1, progress=False)
+    assert sum(v for k, v in server.calls.items() if k != "owl") == before
+    assert again["concepts"] == bank
+    for path in (tmp_path / "cache").iterdir():
+        assert SECRET not in path.read_text()
+
+
+def test_cli_writes_the_bank_without_the_key(stub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture):
+    _, url = stub
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    (tmp_path / "classes.txt").write_text("n1\ttabby cat\nn2\tdog\n")
+    out = tmp_path / "bank" / "concepts.json"
+    main(["concepts", "--classes", str(tmp_path / "classes.txt"), "--out", str(out), "--base_url", url,
+          "--model", "gpt-test", "--embedder", "none", "--samples", "1", "--no_progress"])
+    assert "for 2 classes" in capsys.readouterr().out
+    assert load_concept_bank(out)["n2"] == ["wagging tail", "snout"]
+    doc = json.loads(out.read_text())
+    assert doc["format"] == "cft_lightning.concepts/1" and doc["provenance"]["filters"]["class_similarity"] is None
+    for path in [out, *Path(f"{out}.cache").iterdir()]:
+        assert SECRET not in path.read_text()
+
+
+def test_filters_by_hand():
+    bank, report = filter_concepts(
+        {"zebra": ["zebra", "The zebra", "black stripes", "stripes black", "mane", "zebra animal", "long concept x"]},
+        bag_of_words, max_length=13)
+    assert bank["zebra"] in (["black stripes", "mane", "zebra animal"], ["stripes black", "mane", "zebra animal"])
+    assert report["zebra"]["class_name"] == ["zebra", "The zebra"]
+    assert report["zebra"]["too_long"] == ["long concept x"]
+    assert "similar_to_class" not in report["zebra"]  # "zebra animal": cosine 0.71 with "zebra", below 0.85
+    strict, report = filter_concepts({"zebra": ["zebra animal"]}, bag_of_words, class_similarity=0.7)
+    assert strict["zebra"] == [] and report["zebra"]["similar_to_class"] == ["zebra animal"]
