@@ -156,3 +156,31 @@ def test_filters_by_hand():
     assert "similar_to_class" not in report["zebra"]  # "zebra animal": cosine 0.71 with "zebra", below 0.85
     strict, report = filter_concepts({"zebra": ["zebra animal"]}, bag_of_words, class_similarity=0.7)
     assert strict["zebra"] == [] and report["zebra"]["similar_to_class"] == ["zebra animal"]
+
+
+def test_validation_on_the_embedded_benchmark(tmp_path: Path, capsys: pytest.CaptureFixture):
+    """The oracle grounder finds each class's parts and not the others: a concept the class does not have is
+    dropped by occurrence; an impossible coverage threshold drops the class's concepts with that reason."""
+    from cft_lightning.benchmarks import ShortcutPartsSpec, build_shortcut_parts
+    from cft_lightning.benchmarks.shortcut_parts import class_parts
+
+    spec = ShortcutPartsSpec(num_classes=3, image_size=32, train_per_class=8, val_per_class=2, test_per_class=2)
+    data = build_shortcut_parts(tmp_path / "sp", spec, progress=False)
+    parts = class_parts(3)
+    bank = {cls: [*ps, "pointed horn"] for cls, ps in parts.items() if "pointed horn" not in ps}
+    (tmp_path / "bank.json").write_text(json.dumps(bank))
+    args = ["concepts", "validate", "--bank", str(tmp_path / "bank.json"), "--images", str(data / "images" / "train"),
+            "--masks", str(data / "masks"), "--out", str(tmp_path / "v.json"), "--per_class", "5"]
+    main(args)
+    assert "kept" in capsys.readouterr().out
+    doc = json.loads((tmp_path / "v.json").read_text())
+    for cls in bank:
+        assert doc["concepts"][cls] == list(parts[cls])
+        report = doc["provenance"]["report"][cls]
+        assert report["dropped"] == {"pointed horn": "occurrence 0.00 < 0.15"} and report["images"] == 5
+        assert 0.2 < report["coverage"] < 0.6
+    main([*args[:-2], "--coverage", "0.95", "--per_class", "5"])
+    doc = json.loads((tmp_path / "v.json").read_text())
+    assert all(v == [] for v in doc["concepts"].values())
+    first = next(iter(bank))
+    assert "class coverage" in doc["provenance"]["report"][first]["dropped"][parts[first][0]]

@@ -178,7 +178,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of `cft concepts`."""
+    """Entry point of `cft concepts` (and `cft concepts validate`)."""
+    if argv and argv[0] == "validate":
+        from cft_lightning.concepts.validate import main as validate_main
+
+        validate_main(argv[1:])
+        return
     args = _parser().parse_args(argv)
     classes = load_classes(args.classes)
     out = Path(args.out)
