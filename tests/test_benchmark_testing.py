@@ -102,6 +102,11 @@ def test_benchmark_selection_environment_and_skips(trees: dict[str, Path], monke
     assert dm.benchmark_roots() == {"in_v2": str(trees["in_v2"])}
     dm.setup("test")
     assert dm.test_split_names == ["in_v2"] and len(dm.test_scorers) == 1
+    named = GuidanceDataModule(str(trees["train"]), mask_kinds=[], classes="imagenet", benchmark_names="all",
+                               data_config=dm.data_config)
+    with caplog.at_level("INFO"):
+        named.setup("test")
+    assert "skipped" in caplog.text and "in_a" in caplog.text and named.test_split_names == ["in_v2"]
     for names, message in (("in_a", "no root for"), ("in_v2,imagenet_c", "unknown benchmark")):
         bad = GuidanceDataModule(str(trees["train"]), mask_kinds=[], classes="imagenet", benchmark_names=names,
                                  data_config=dm.data_config)

@@ -106,8 +106,9 @@ class GuidanceDataModule(L.LightningDataModule):
             ``in_a``, ``in_r``, ``in_sketch``, ``objectnet``, ``si_score_location|rotation|size``, and ``imagenet_seg``:
             the path of ``gtsegs_ijcv.mat``, scored for relevance alignment only). A benchmark
             without a root here is looked up in the environment variable ``CFT_BENCHMARK_<NAME>``.
-        benchmark_names: Which benchmarks ``test`` runs: ``all`` (every configured one; the others are reported
-            as skipped), a comma-separated string or a list (each must be configured), or ``none``.
+        benchmark_names: Which benchmarks ``test`` runs: ``null`` (default: every configured one), ``all`` (the
+            same, and the unconfigured ones are named as skipped), a comma-separated string or a list (each must be
+            configured), or ``none``.
         benchmark_protocol: ``standard`` (IN-A/IN-R over their 200 classes, ObjectNet's official group rule and
             border crop) or ``release`` (the CFT release: all 1000 classes, ObjectNet's first class, no crop).
     """
@@ -135,7 +136,7 @@ class GuidanceDataModule(L.LightningDataModule):
         alignment_kind: str | None = None,
         alignment_ratio: float = 0.5,
         benchmarks: dict[str, str] | None = None,
-        benchmark_names: str | list[str] = "all",
+        benchmark_names: str | list[str] | None = None,
         benchmark_protocol: str = "standard",
     ) -> None:
         super().__init__()
@@ -357,7 +358,9 @@ class GuidanceDataModule(L.LightningDataModule):
     def _selected_benchmarks(self) -> dict[str, str]:
         roots = self.benchmark_roots()
         names = self.benchmark_names
-        if names in ("none", None, "", []):
+        if names is None:
+            return roots
+        if names in ("none", "", []):
             return {}
         if names == "all":
             skipped = [n for n in ALL_BENCHMARKS if n not in roots]
