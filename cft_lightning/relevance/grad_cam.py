@@ -12,11 +12,11 @@ exact (second order).
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
-from cft_lightning.relevance._vit import UnsupportedModelError, explicit_attention
-from cft_lightning.relevance.base import Normalization, RelevanceMethod, resolve_targets
+from cft_lightning.relevance._layers import layer_activation_and_gradient, resolve_module
+from cft_lightning.relevance._vit import UnsupportedModelError
+from cft_lightning.relevance.base import Normalization, RelevanceMethod
 from cft_lightning.relevance.gradient_rollout import _grid
 
 __all__ = ["GradCAM", "default_cam_layer"]
@@ -33,16 +33,6 @@ def default_cam_layer(model: nn.Module) -> str:
     raise UnsupportedModelError(
         f"no default Grad-CAM layer for {type(model).__name__}: name one with GradCAM(layer='<module path>')"
     )
-
-
-def _resolve(model: nn.Module, path: str) -> nn.Module:
-    module = model
-    for part in path.split("."):
-        try:
-            module = module[int(part)] if part.lstrip("-").isdigit() else getattr(module, part)
-        except (AttributeError, IndexError, TypeError) as exc:
-            raise UnsupportedModelError(f"{type(model).__name__} has no module {path!r} (at {part!r})") from exc
-    return module
 
 
 class GradCAM(RelevanceMethod):
@@ -63,26 +53,13 @@ class GradCAM(RelevanceMethod):
         self.layer = layer
 
     def check_model(self, model: nn.Module) -> None:
-        _resolve(model, self.layer or default_cam_layer(model))
+        resolve_module(model, self.layer or default_cam_layer(model))
 
     def explain(
         self, model: nn.Module, images: Tensor, targets: Tensor | None, *, differentiable: bool
     ) -> tuple[Tensor, Tensor, Tensor]:
-        module = _resolve(model, self.layer or default_cam_layer(model))
-        outputs: list[Tensor] = []
-        handle = module.register_forward_hook(lambda _m, _i, out: outputs.append(out))
-        try:
-            with explicit_attention(model):
-                logits = model(images)
-        finally:
-            handle.remove()
-        if len(outputs) != 1:
-            raise UnsupportedModelError(f"Grad-CAM layer ran {len(outputs)} times in one forward pass (expected 1)")
-        acts = outputs[0]
-        targets = resolve_targets(logits, targets)
-        score = logits.gather(1, targets[:, None]).sum()
-        (grads,) = torch.autograd.grad(score, acts, create_graph=differentiable and torch.is_grad_enabled(),
-                                       retain_graph=True)
+        acts, grads, logits, targets = layer_activation_and_gradient(
+            model, images, targets, self.layer or default_cam_layer(model), differentiable)
         if acts.dim() == 3:  # ViT tokens (B, N, D): patch tokens onto the grid, channels last
             prefix = getattr(model, "num_prefix_tokens", 1)
             acts, grads = acts[:, prefix:], grads[:, prefix:]

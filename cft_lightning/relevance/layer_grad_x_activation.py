@@ -15,12 +15,11 @@ rule-exact backward exists for ViTs (`AttnLRP`).
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
-from cft_lightning.relevance._vit import UnsupportedModelError, explicit_attention
-from cft_lightning.relevance.base import Normalization, RelevanceMethod, resolve_targets
-from cft_lightning.relevance.grad_cam import _resolve
+from cft_lightning.relevance._layers import layer_activation_and_gradient, resolve_module
+from cft_lightning.relevance._vit import UnsupportedModelError
+from cft_lightning.relevance.base import Normalization, RelevanceMethod
 from cft_lightning.relevance.gradient_rollout import _grid
 
 __all__ = ["LayerGradXActivation", "default_feature_layer"]
@@ -60,26 +59,13 @@ class LayerGradXActivation(RelevanceMethod):
         self.positive = positive
 
     def check_model(self, model: nn.Module) -> None:
-        _resolve(model, self.layer or default_feature_layer(model))
+        resolve_module(model, self.layer or default_feature_layer(model))
 
     def explain(
         self, model: nn.Module, images: Tensor, targets: Tensor | None, *, differentiable: bool
     ) -> tuple[Tensor, Tensor, Tensor]:
-        module = _resolve(model, self.layer or default_feature_layer(model))
-        outputs: list[Tensor] = []
-        handle = module.register_forward_hook(lambda _m, _i, out: outputs.append(out))
-        try:
-            with explicit_attention(model):
-                logits = model(images)
-        finally:
-            handle.remove()
-        if len(outputs) != 1:
-            raise UnsupportedModelError(f"feature layer ran {len(outputs)} times in one forward pass (expected 1)")
-        acts = outputs[0]
-        targets = resolve_targets(logits, targets)
-        score = logits.gather(1, targets[:, None]).sum()
-        (grads,) = torch.autograd.grad(score, acts, create_graph=differentiable and torch.is_grad_enabled(),
-                                       retain_graph=True)
+        acts, grads, logits, targets = layer_activation_and_gradient(
+            model, images, targets, self.layer or default_feature_layer(model), differentiable)
         products = acts * grads
         if self.positive:
             products = products.clamp_min(0)
