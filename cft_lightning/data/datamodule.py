@@ -20,12 +20,11 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.utils.data import DataLoader
 
-from cft_lightning.benchmarks.imagenet_seg import ImageNetSegmentation
-from cft_lightning.benchmarks.robustness import BENCHMARKS, BenchmarkDataset, get_benchmark
 from cft_lightning.data.alignment import AlignmentMixSampler, alignment_slots
+from cft_lightning.data.benchmark_splits import ALL_BENCHMARKS, BENCHMARK_DATASETS, BenchmarkTestSplits
 from cft_lightning.data.errors import DataError
 from cft_lightning.data.image_folder import (
     MISSING_MASK_POLICIES,
@@ -43,8 +42,6 @@ from cft_lightning.data.mask_store import MaskStore
 from cft_lightning.data.transforms import JointTransform, build_transforms
 
 SELECTION_FILE = "fine_tuning_classes.json"
-# classification benchmarks (robustness.py) and the segmentation set for relevance alignment (its root: the .mat file)
-ALL_BENCHMARKS = [*BENCHMARKS, "imagenet_seg"]
 
 
 def _kinds_available(store: MaskStore, samples: Sequence[Sample], kinds: Sequence[str]) -> list[str]:
@@ -62,7 +59,7 @@ def _kinds_available(store: MaskStore, samples: Sequence[Sample], kinds: Sequenc
     return available
 
 
-class GuidanceDataModule(L.LightningDataModule):
+class GuidanceDataModule(BenchmarkTestSplits, L.LightningDataModule):
     """Few-shot training images with guidance masks, plus validation, test and prediction splits.
 
     Training uses ``images_per_class`` images from each of ``round(class_fraction * n)`` classes of ``root``,
@@ -326,65 +323,15 @@ class GuidanceDataModule(L.LightningDataModule):
                 datasets.append(self._optional_mask_dataset(root, eval_tf))
                 names.append(name)
         scorers: list[Any] = [None] * len(datasets)
-        seen = self._seen_imagenet_classes()
-        for name, root in self._selected_benchmarks().items():
-            if name == "imagenet_seg":  # relevance alignment only (object masks, no labels)
-                datasets.append(ImageNetSegmentation(root, self._resolve_data_config()))
-                names.append(name)
-                scorers.append(None)
-                rank_zero_info(f"cft test: ImageNet-Segmentation: {len(datasets[-1])} images from {root}")
-                continue
-            bench, samples = get_benchmark(name, root, self.benchmark_protocol)  # type: ignore[arg-type]
-            datasets.append(BenchmarkDataset(root, bench, samples, eval_tf, seen))
+        for name, dataset, scorer in self._benchmark_splits(eval_tf):
+            datasets.append(dataset)
             names.append(name)
-            scorers.append(bench.rank)
-            rank_zero_info(f"cft test: {bench.title}: {len(samples)} images from {root}")
+            scorers.append(scorer)
         if not datasets:
             raise DataError("nothing to test: set data.test_root or data.benchmarks (or CFT_BENCHMARK_<NAME>)")
         self.test_dataset = datasets if len(datasets) > 1 or isinstance(self.test_root, dict) else datasets[0]
         self._test_names, self.test_scorers = names, scorers
-        self.benchmark_splits = names[len(names) - sum(isinstance(d, (BenchmarkDataset, ImageNetSegmentation))
-                                                       for d in datasets):]
-
-    def benchmark_roots(self) -> dict[str, str]:
-        """Every benchmark with a root: `data.benchmarks`, then `CFT_BENCHMARK_<NAME>` environment variables."""
-        roots = {}
-        for name in ALL_BENCHMARKS:
-            root = self.benchmarks.get(name) or os.environ.get(f"CFT_BENCHMARK_{name.upper()}")
-            if root:
-                roots[name] = root
-        return roots
-
-    def _selected_benchmarks(self) -> dict[str, str]:
-        roots = self.benchmark_roots()
-        names = self.benchmark_names
-        if names is None:
-            return roots
-        if names in ("none", "", []):
-            return {}
-        if names == "all":
-            skipped = [n for n in ALL_BENCHMARKS if n not in roots]
-            if skipped:
-                rank_zero_info(
-                    "cft test: skipped (no root in data.benchmarks or CFT_BENCHMARK_<NAME>): " + ", ".join(skipped)
-                )
-            return roots
-        wanted = [n.strip() for n in (names.split(",") if isinstance(names, str) else names) if n.strip()]
-        unknown = [n for n in wanted if n not in ALL_BENCHMARKS]
-        if unknown:
-            raise DataError(f"--benchmarks: unknown benchmark(s) {unknown}; known: {', '.join(ALL_BENCHMARKS)}")
-        missing = [n for n in wanted if n not in roots]
-        if missing:
-            raise DataError(f"--benchmarks: no root for {missing}: set data.benchmarks.<name> or "
-                            f"CFT_BENCHMARK_{missing[0].upper()}")
-        return {n: roots[n] for n in wanted}
-
-    def _seen_imagenet_classes(self) -> set[int] | None:
-        """ImageNet indices of the fine-tuning classes, when the label space is ImageNet-1k and root exists."""
-        if self.classes != "imagenet" or not os.path.isdir(self.root):
-            return None
-        index = {name: i for i, name in enumerate(self.class_names)}
-        return {index[c] for c in self.selection.fine_tuning_classes}
+        self.benchmark_splits = names[len(names) - sum(isinstance(d, BENCHMARK_DATASETS) for d in datasets):]
 
     def _write_selection(self) -> None:
         """Record the class split in the run's log dir (rank 0), so a run can be reproduced and audited."""
