@@ -44,7 +44,9 @@ def test_maps_by_hand(make):
     assert torch.equal(pred.targets, model(images).argmax(1))
 
 
-@pytest.mark.parametrize("method", [InputXGradient(), InputGradient(channels="sum")], ids=["ixg", "grad"])
+@pytest.mark.parametrize(
+    "method", [InputXGradient(), InputGradient(channels="sum"), InputGradient()], ids=["ixg", "grad", "abs_grad"]
+)
 def test_cft_with_input_gradient_maps_is_exactly_differentiable(method):
     """`exact`: the total loss's autograd gradient equals the finite difference (second order)."""
     check_gradient_matches_fd(CFT(consistency_target="label", cls_weight=0.0), method, tiny_batch())
