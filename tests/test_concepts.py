@@ -184,3 +184,30 @@ def test_validation_on_the_embedded_benchmark(tmp_path: Path, capsys: pytest.Cap
     assert all(v == [] for v in doc["concepts"].values())
     first = next(iter(bank))
     assert "class coverage" in doc["provenance"]["report"][first]["dropped"][parts[first][0]]
+
+
+def test_masks_from_a_validated_bank_with_the_oracle_grounder(tmp_path: Path):
+    """concepts -> masks offline: the oracle grounder's per-concept masks, their union and the object mask
+    land in a new store equal to the benchmark's ground truth; a rerun skips everything."""
+    from cft_lightning.benchmarks import ShortcutPartsSpec, build_shortcut_parts
+    from cft_lightning.benchmarks.shortcut_parts import class_parts
+    from cft_lightning.concepts.validate import OracleGrounder, images_by_class
+    from cft_lightning.data.mask_store import MaskStore
+    from cft_lightning.masks.generate import generate_masks
+
+    spec = ShortcutPartsSpec(num_classes=3, image_size=32, train_per_class=4, val_per_class=2, test_per_class=2)
+    data = build_shortcut_parts(tmp_path / "sp", spec, progress=False)
+    bank = {cls: list(ps) for cls, ps in class_parts(3).items()}
+    images = images_by_class(data / "images" / "train")
+    summary = generate_masks(images, bank, OracleGrounder(data / "masks"), tmp_path / "store", progress=False)
+    assert summary["written"] == 12 and summary["empty_concept_masks"] == [] and summary["mean_concepts_found"] == 2
+    truth, made = MaskStore(data / "masks"), MaskStore(tmp_path / "store")
+    for cls, rels in images.items():
+        for rel in rels:
+            for kind in ("concept", "object"):
+                assert np.array_equal(made.read(rel, kind), truth.read(rel, kind))
+            for concept in bank[cls]:
+                assert np.array_equal(made.read(rel, "concept", concept=concept),
+                                      truth.read(rel, "concept", concept=concept))
+    again = generate_masks(images, bank, OracleGrounder(data / "masks"), tmp_path / "store", progress=False)
+    assert again["written"] == 0 and again["skipped"] == 12
