@@ -211,3 +211,55 @@ def test_masks_from_a_validated_bank_with_the_oracle_grounder(tmp_path: Path):
                                       truth.read(rel, "concept", concept=concept))
     again = generate_masks(images, bank, OracleGrounder(data / "masks"), tmp_path / "store", progress=False)
     assert again["written"] == 0 and again["skipped"] == 12
+
+
+def _oracle_setup(tmp_path: Path):
+    from cft_lightning.benchmarks import ShortcutPartsSpec, build_shortcut_parts
+    from cft_lightning.benchmarks.shortcut_parts import class_parts
+    from cft_lightning.concepts.validate import images_by_class
+
+    spec = ShortcutPartsSpec(num_classes=3, image_size=32, train_per_class=5, val_per_class=2, test_per_class=2)
+    data = build_shortcut_parts(tmp_path / "sp", spec, progress=False)
+    return data, {cls: list(ps) for cls, ps in class_parts(3).items()}, images_by_class(data / "images" / "train")
+
+
+@pytest.mark.parametrize("devices", [1, 2])
+def test_mask_generation_as_trainer_predict_writes_every_image_once(tmp_path: Path, devices: int):
+    """Two CPU processes (ddp_spawn) share the 15 images: the per-rank logs hold each image exactly once, and
+    a second run (a resume) skips all of them."""
+    import lightning as L
+
+    from cft_lightning.concepts.validate import OracleGrounder
+    from cft_lightning.data.mask_store import MaskStore
+    from cft_lightning.masks.predict import MaskGeneration, generation_loader
+
+    data, bank, images = _oracle_setup(tmp_path)
+    store = tmp_path / "store"
+    for _ in range(2):
+        trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
+                            logger=False, enable_progress_bar=False, enable_model_summary=False,
+                            default_root_dir=tmp_path)
+        trainer.predict(MaskGeneration(OracleGrounder(data / "masks"), bank, store),
+                        generation_loader(images, batch_size=2), return_predictions=False)
+    records = [json.loads(line) for log in sorted((store / "logs").glob("*.jsonl"))
+               for line in log.read_text().splitlines()]
+    written = [r["image"] for r in records if not r["skipped"]]
+    assert sorted(written) == sorted(rel for rels in images.values() for rel in rels)  # each once
+    assert len({r["rank"] for r in records}) == devices
+    assert sum(r["skipped"] for r in records) == 15  # the second run skipped everything
+    truth, made = MaskStore(data / "masks"), MaskStore(store)
+    assert all(np.array_equal(made.read(rel, "concept"), truth.read(rel, "concept")) for rel in written)
+
+
+def test_cft_masks_generate_cli_with_the_oracle(tmp_path: Path, capsys: pytest.CaptureFixture):
+    data, bank, images = _oracle_setup(tmp_path)
+    (tmp_path / "bank.json").write_text(json.dumps(bank))
+    args = ["masks", "generate", "--images", str(data / "images" / "train"), "--concepts", str(tmp_path / "bank.json"),
+            "--out", str(tmp_path / "store"), "--grounder", "oracle", "--oracle_masks", str(data / "masks"),
+            "--accelerator", "cpu", "--devices", "1", "--no_progress"]
+    main(args)
+    out = capsys.readouterr().out
+    assert "15 images, 15 written so far, 2.00 concepts found per image, 0 empty" in out
+    with pytest.raises(SystemExit):
+        main([*args[:10], "--accelerator", "cpu"])
+    assert "needs --oracle_masks" in capsys.readouterr().err

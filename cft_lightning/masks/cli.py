@@ -2,6 +2,8 @@
 
     cft masks import --format imagenet-s --src ImageNet-S/train-semi-segmentation --out data/masks/imagenet
     cft masks import --format binary --src my_masks/ --kind concept --out data/masks/mine
+    cft masks generate --images data/imagenet/train --concepts validated.json --out data/masks/imagenet \
+        --accelerator gpu --devices 8 --num_nodes 2
 """
 
 from __future__ import annotations
@@ -23,12 +25,70 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--kind", default=None, help="mask kind (default: object for imagenet-s; required for binary)")
     imp.add_argument("--overwrite", action="store_true", help="replace masks that exist (default: keep them)")
     imp.add_argument("--no_progress", action="store_true")
+    gen = sub.add_parser("generate", help="ground every concept of each image's class (GroundingDINO + SAM)")
+    gen.add_argument("--images", required=True, help="image folder (<class>/<image>)")
+    gen.add_argument("--concepts", required=True, help="concept bank JSON (`cft concepts`, validated or not)")
+    gen.add_argument("--out", required=True, help="mask store root")
+    gen.add_argument("--grounder", default="grounded_sam", choices=["grounded_sam", "oracle"],
+                     help="grounded_sam: the models; oracle: masks looked up in --oracle_masks (embedded benchmark)")
+    gen.add_argument("--oracle_masks", help="mask store of the oracle grounder")
+    gen.add_argument("--detector", default="IDEA-Research/grounding-dino-base", help="hub id or local folder")
+    gen.add_argument("--segmenter", default="facebook/sam-vit-base", help="hub id or local folder")
+    gen.add_argument("--box_threshold", type=float, default=0.35)
+    gen.add_argument("--text_threshold", type=float, default=0.25)
+    gen.add_argument("--batch_size", type=int, default=8, help="images per predict step")
+    gen.add_argument("--accelerator", default="auto")
+    gen.add_argument("--devices", default="auto")
+    gen.add_argument("--num_nodes", type=int, default=1)
+    gen.add_argument("--no_progress", action="store_true")
     return p
+
+
+def _generate(args: argparse.Namespace) -> None:
+    import json
+    from pathlib import Path
+
+    import lightning as L
+
+    from cft_lightning.concepts.discovery import load_concept_bank
+    from cft_lightning.concepts.validate import OracleGrounder, images_by_class
+    from cft_lightning.masks.predict import MaskGeneration, generation_loader
+
+    bank = load_concept_bank(args.concepts)
+    images = {cls: rels for cls, rels in images_by_class(args.images).items() if cls in bank}
+    if not images:
+        raise ValueError(f"--images {args.images} has no class folder named in {args.concepts}")
+    if args.grounder == "oracle":
+        if not args.oracle_masks:
+            raise ValueError("--grounder oracle needs --oracle_masks")
+        grounder = OracleGrounder(args.oracle_masks)
+    else:
+        from cft_lightning.masks.grounded_sam import GroundedSAM
+
+        grounder = GroundedSAM(args.images, args.detector, args.segmenter, args.box_threshold, args.text_threshold)
+    devices = int(args.devices) if str(args.devices).isdigit() else args.devices
+    trainer = L.Trainer(accelerator=args.accelerator, devices=devices, num_nodes=args.num_nodes, logger=False,
+                        enable_progress_bar=not args.no_progress, enable_model_summary=False,
+                        default_root_dir=args.out)
+    trainer.predict(MaskGeneration(grounder, bank, args.out), generation_loader(images, args.batch_size),
+                    return_predictions=False)
+    if trainer.is_global_zero:
+        records = [json.loads(line) for log in sorted(Path(args.out, "logs").glob("*.jsonl"))
+                   for line in log.read_text().splitlines()]
+        done = {r["image"] for r in records if not r["skipped"]}  # over this run and the ones it resumed
+        empty = sum(bool(r.get("empty")) for r in records if not r["skipped"])
+        found = [r["concepts_found"] for r in records if not r["skipped"]]
+        mean = sum(found) / len(found) if found else 0.0
+        print(f"cft masks generate: {sum(map(len, images.values()))} images, {len(done)} written so far, "
+              f"{mean:.2f} concepts found per image, {empty} empty concept mask(s); logs in {args.out}/logs")
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of `cft masks`."""
     args = _parser().parse_args(argv)
+    if args.command == "generate":
+        _generate(args)
+        return
     if args.format == "imagenet-s":
         counts = import_imagenet_s(args.src, args.out, args.kind or "object", args.overwrite, not args.no_progress)
     else:
