@@ -263,3 +263,37 @@ def test_cft_masks_generate_cli_with_the_oracle(tmp_path: Path, capsys: pytest.C
     with pytest.raises(SystemExit):
         main([*args[:10], "--accelerator", "cpu"])
     assert "needs --oracle_masks" in capsys.readouterr().err
+
+
+def test_mask_generation_resumes_after_a_crash(tmp_path: Path):
+    """A grounder that dies on the 7th image stops the run; the rerun writes only the rest: no image twice,
+    none missing, no partial file (writes are atomic)."""
+    import lightning as L
+
+    from cft_lightning.concepts.validate import OracleGrounder
+    from cft_lightning.masks.predict import MaskGeneration, generation_loader
+
+    data, bank, images = _oracle_setup(tmp_path)
+
+    class Dying(OracleGrounder):
+        calls = 0
+
+        def __call__(self, rel, class_name, prompts):
+            Dying.calls += 1
+            if Dying.calls == 7:
+                raise KeyboardInterrupt("killed")
+            return super().__call__(rel, class_name, prompts)
+
+    def run(grounder) -> None:
+        trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, default_root_dir=tmp_path)
+        trainer.predict(MaskGeneration(grounder, bank, tmp_path / "store"), generation_loader(images, 4),
+                        return_predictions=False)
+
+    with pytest.raises((KeyboardInterrupt, SystemExit)):
+        run(Dying(data / "masks"))
+    run(OracleGrounder(data / "masks"))
+    records = [json.loads(line) for line in (tmp_path / "store" / "logs" / "rank_0.jsonl").read_text().splitlines()]
+    written = [r["image"] for r in records if not r["skipped"]]
+    assert sorted(written) == sorted(rel for rels in images.values() for rel in rels)
+    assert not list((tmp_path / "store").rglob("*.tmp*"))

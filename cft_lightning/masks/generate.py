@@ -19,12 +19,28 @@ import numpy as np
 from cft_lightning.concepts.validate import Grounder
 from cft_lightning.data.mask_store import MaskStore
 
-__all__ = ["generate_masks"]
+__all__ = ["generate_masks", "ground_and_write"]
 
 
 def _done(store: MaskStore, rel: str, concepts: Sequence[str]) -> bool:
     return (store.has(rel, "concept") and store.has(rel, "object")
             and all(store.has(rel, "concept", concept=c) for c in concepts))
+
+
+def ground_and_write(store: MaskStore, grounder: Grounder, rel: str, class_name: str,
+                     concepts: Sequence[str]) -> dict[str, Any]:
+    """Ground one image and write its masks, unless they all exist; returns the image's record."""
+    if _done(store, rel, concepts):
+        return {"image": rel, "skipped": True}
+    masks = grounder(rel, class_name, [*concepts, class_name])
+    union = np.zeros_like(masks[class_name], dtype=bool)
+    for concept in concepts:
+        union |= masks[concept]
+        store.write(rel, "concept", masks[concept], concept=concept)
+    store.write(rel, "object", masks[class_name])
+    store.write(rel, "concept", union)  # last: with the object mask, its presence marks the image as done
+    found = sum(bool(masks[c].any()) for c in concepts)
+    return {"image": rel, "skipped": False, "concepts_found": found, "empty": not union.any()}
 
 
 def generate_masks(
@@ -43,21 +59,13 @@ def generate_masks(
     todo = [(cls, rel) for cls, rels in images.items() for rel in rels]
     written, skipped, found, empty = 0, 0, [], []
     for cls, rel in track(todo, description="grounding concepts", disable=not progress):
-        concepts = bank.get(cls, [])
-        if _done(out, rel, concepts):
+        record = ground_and_write(out, grounder, rel, (class_names or {}).get(cls, cls), bank.get(cls, []))
+        if record["skipped"]:
             skipped += 1
             continue
-        name = (class_names or {}).get(cls, cls)
-        masks = grounder(rel, name, [*concepts, name])
-        union = np.zeros_like(masks[name], dtype=bool)
-        for concept in concepts:
-            union |= masks[concept]
-            out.write(rel, "concept", masks[concept], concept=concept)
-        out.write(rel, "object", masks[name])
-        out.write(rel, "concept", union)  # last: its presence (with the object mask) marks the image as done
         written += 1
-        found.append(sum(bool(masks[c].any()) for c in concepts))
-        if not union.any():
+        found.append(record["concepts_found"])
+        if record["empty"]:
             empty.append(rel)
     out.update_manifest(kinds=["concept", "object"])
     return {"written": written, "skipped": skipped, "mean_concepts_found": float(np.mean(found)) if found else 0.0,

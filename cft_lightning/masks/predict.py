@@ -12,12 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from torch import nn
 
 from cft_lightning.data.mask_store import MaskStore
-from cft_lightning.masks.generate import _done
+from cft_lightning.masks.generate import ground_and_write
 
 __all__ = ["MaskGeneration", "generation_loader"]
 
@@ -65,20 +64,8 @@ class MaskGeneration(L.LightningModule):
         store = MaskStore(self.store_root)
         records = []
         for cls, rel in batch:
-            concepts = self.bank.get(cls, [])
-            if _done(store, rel, concepts):
-                records.append({"image": rel, "skipped": True})
-                continue
-            name = self.class_names.get(cls, cls)
-            masks = self.grounder(rel, name, [*concepts, name])
-            union = np.zeros_like(masks[name], dtype=bool)
-            for concept in concepts:
-                union |= masks[concept]
-                store.write(rel, "concept", masks[concept], concept=concept)
-            store.write(rel, "object", masks[name])
-            store.write(rel, "concept", union)
-            found = sum(bool(masks[c].any()) for c in concepts)
-            records.append({"image": rel, "skipped": False, "concepts_found": found, "empty": not union.any()})
-        with open(self._log, "a", encoding="utf-8") as fh:
-            fh.writelines(json.dumps({**r, "rank": self.global_rank}) + "\n" for r in records)
+            record = ground_and_write(store, self.grounder, rel, self.class_names.get(cls, cls), self.bank.get(cls, []))
+            with open(self._log, "a", encoding="utf-8") as fh:  # per image: a crash loses no record
+                fh.write(json.dumps({**record, "rank": self.global_rank}) + "\n")
+            records.append(record)
         return records
