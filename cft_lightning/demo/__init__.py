@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fewshot_pool", default=d.fewshot_pool, choices=["train", "counterfactual"],
                    help="few-shot images from the biased training split, or only those off their class's "
                    "background (default: %(default)s)")
+    p.add_argument("--mask_source", default=d.mask_source, choices=["benchmark", "pipeline"],
+                   help="masks for fine-tuning: the benchmark's, or made by the mask stage (concepts validated and "
+                   "grounded; the oracle grounder stands in for Grounded-SAM) (default: %(default)s)")
     p.add_argument("--data_dir", default=None, help="benchmark folder (default: the package cache)")
     p.add_argument("--overlays", type=int, default=6, help="relevance overlays to draw (default: %(default)s)")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
@@ -87,6 +90,7 @@ def main(argv: list[str] | None = None) -> None:
                             data_dir=args.data_dir, pretrain_epochs=args.pretrain_epochs,
                             finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
                             images_per_class=args.images_per_class, fewshot_pool=args.fewshot_pool,
+                            mask_source=args.mask_source,
                             progress=not args.no_progress)
     Path(settings.out).mkdir(parents=True, exist_ok=True)
     summary = run_demo(settings)

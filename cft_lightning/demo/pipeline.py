@@ -99,6 +99,9 @@ class DemoSettings:
     images_per_class: int = 10
     class_fraction: float = 0.5
     fewshot_pool: str = "train"  # "train" (biased, like the rest) or "counterfactual" (off-background only)
+    # "benchmark": the generator's masks; "pipeline": the concept bank validated and grounded by the mask stage
+    # (cft concepts validate + cft masks generate, with the oracle grounder standing in for Grounded-SAM)
+    mask_source: str = "benchmark"
     batch_size: int = 8
     progress: bool = True
 
@@ -202,7 +205,7 @@ def finetune_and_test(settings: DemoSettings, data: Path, seed: int, method: str
                             lr_step_size=0)
     classes = sorted(p.name for p in (data / "images" / "train").iterdir() if p.is_dir())
     kwargs: dict[str, Any] = dict(
-        root=str(fewshot_root(settings, data, out.parent)), classes=classes, masks=str(data / "masks"),
+        root=str(fewshot_root(settings, data, out.parent)), classes=classes, masks=str(mask_store(settings, data)),
         mask_kinds=["concept", "object"],
         class_fraction=settings.class_fraction, images_per_class=settings.images_per_class, seed=seed,
         val_root=str(data / "images" / "val"), metadata=str(data / "metadata.csv"),
@@ -224,6 +227,30 @@ def finetune_and_test(settings: DemoSettings, data: Path, seed: int, method: str
     results = json.loads((out / "results.json").read_text())
     results["fine_tuning_classes"] = list(dm.fine_tuning_classes)
     return results
+
+
+def mask_store(settings: DemoSettings, data: Path) -> Path:
+    """The mask store the fine-tuning reads: the benchmark's own, or (`mask_source: pipeline`) one built by the
+    mask stage: the benchmark's concept bank validated on 30 images per class, then every image grounded (once
+    per output folder; a rerun resumes)."""
+    if settings.mask_source == "benchmark":
+        return data / "masks"
+    if settings.mask_source != "pipeline":
+        raise ValueError(f"cft demo: mask_source must be 'benchmark' or 'pipeline', got {settings.mask_source!r}")
+    from cft_lightning.concepts.discovery import load_concept_bank
+    from cft_lightning.concepts.validate import OracleGrounder, images_by_class, validate_bank
+    from cft_lightning.masks.generate import generate_masks
+
+    out = Path(settings.out) / "mask_stage"
+    grounder = OracleGrounder(data / "masks")
+    bank, report = validate_bank(load_concept_bank(data / "concepts.json"),
+                                 images_by_class(data / "images" / "train"), grounder)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "validated_concepts.json").write_text(json.dumps({"concepts": bank, "report": report}, indent=2) + "\n")
+    for split in ("train", "val", "test_id", "test_ood"):
+        generate_masks(images_by_class(data / "images" / split), bank, grounder, out / "masks",
+                       progress=settings.progress)
+    return out / "masks"
 
 
 def run_demo(settings: DemoSettings) -> dict[str, Any]:
