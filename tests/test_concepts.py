@@ -120,6 +120,7 @@ def test_discover_with_the_stub(stub, tmp_path: Path, monkeypatch: pytest.Monkey
     assert report["class_name"] == ["tabby cat"] and report["too_long"] and report["duplicate"]
     assert server.auth == {f"Bearer {SECRET}"}
     assert doc["provenance"]["usage"]["prompt_tokens"] > 0
+    assert doc["provenance"]["counts"]["n2"]["tokens"] == 15 * 4  # dog: 3 prompts, the first asked twice; 15 each
     # a rerun answers everything from the cache except the failing class
     before = sum(v for k, v in server.calls.items() if k != "owl")
     again = discover(classes, CachedChat("gpt-test", tmp_path / "cache", base_url=url, api_key_env="MY_KEY",
@@ -138,7 +139,8 @@ def test_cli_writes_the_bank_without_the_key(stub, tmp_path: Path, monkeypatch: 
     out = tmp_path / "bank" / "concepts.json"
     main(["concepts", "--classes", str(tmp_path / "classes.txt"), "--out", str(out), "--base_url", url,
           "--model", "gpt-test", "--embedder", "none", "--samples", "1", "--no_progress"])
-    assert "for 2 classes" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "for 2 classes" in printed and "per class" in printed
     assert load_concept_bank(out)["n2"] == ["wagging tail", "snout"]
     doc = json.loads(out.read_text())
     assert doc["format"] == "cft_lightning.concepts/1" and doc["provenance"]["filters"]["class_similarity"] is None

@@ -127,8 +127,10 @@ def discover(classes: dict[str, str], chat: CachedChat, embed: Embedder | None, 
 
     raw: dict[str, list[str]] = {}
     failed: dict[str, str] = {}
+    tokens: dict[str, int] = {}
     for cls, name in track(list(classes.items()), description="asking for concepts", disable=not progress):
         found: list[str] = []
+        before = chat.usage["prompt_tokens"] + chat.usage["completion_tokens"]
         try:
             for template in PROMPTS.values():
                 for sample in range(samples):
@@ -137,6 +139,8 @@ def discover(classes: dict[str, str], chat: CachedChat, embed: Embedder | None, 
             failed[cls] = str(exc)
             log.error("class %s (%s) skipped: %s", cls, name, exc)
             continue
+        finally:
+            tokens[cls] = chat.usage["prompt_tokens"] + chat.usage["completion_tokens"] - before
         raw[cls] = list(dict.fromkeys(found))
     bank, report = filter_concepts(raw, embed, max_length, class_similarity, duplicate_similarity, classes)
     return {
@@ -150,7 +154,7 @@ def discover(classes: dict[str, str], chat: CachedChat, embed: Embedder | None, 
             "temperature": chat.temperature,
             "filters": {"max_length": max_length, "class_similarity": class_similarity if embed else None,
                         "duplicate_similarity": duplicate_similarity if embed else None},
-            "counts": {c: {"raw": len(raw[c]), "kept": len(bank[c])} for c in raw},
+            "counts": {c: {"raw": len(raw[c]), "kept": len(bank[c]), "tokens": tokens[c]} for c in raw},
             "filter_report": report,
             "usage": dict(chat.usage),
             "failed": failed,
@@ -199,6 +203,9 @@ def main(argv: list[str] | None = None) -> None:
     atomic_write(out, lambda handle: handle.write(text.encode("utf-8")))
     usage = chat.usage
     kept = sum(len(v) for v in doc["concepts"].values())
+    n = max(len(doc["concepts"]), 1)
+    spent = usage["prompt_tokens"] + usage["completion_tokens"]
     print(f"cft concepts: {kept} concepts for {len(doc['concepts'])} classes in {out} "
           f"({usage['calls']} calls, {usage['cached']} cached, {usage['prompt_tokens']} + "
-          f"{usage['completion_tokens']} tokens, {len(doc['provenance']['failed'])} class(es) failed)")
+          f"{usage['completion_tokens']} tokens, {spent / n:.0f} per class; per class in provenance.counts; "
+          f"{len(doc['provenance']['failed'])} class(es) failed)")
