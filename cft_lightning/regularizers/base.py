@@ -103,6 +103,20 @@ class Regularizer(ABC):
             )
         return masks[kind]
 
+    def guided_pass(
+        self, batch: dict[str, Any], model: nn.Module, relevance: RelevanceMethod | None, mask_kind: str,
+        explain_labels: bool = True,
+    ) -> tuple[Relevance, Tensor, Tensor]:
+        """The one forward pass of a relevance-guided objective: (relevance of the labels, or of this pass's
+        prediction with `explain_labels=False`; the `mask_kind` masks pooled to the map's grid; the labels)."""
+        if relevance is None:
+            raise ValueError(f"{type(self).__name__} needs a relevance method (model.relevance in the config)")
+        masks = self.masks_of(batch, mask_kind)
+        labels = labels_of(batch).to(batch["image"].device)
+        rel = relevance(model, batch["image"], labels if explain_labels else None, differentiable=True)
+        grid = masks_to_grid(masks.to(rel.maps.device), tuple(rel.maps.shape[-2:]))
+        return rel, grid, labels
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({args})"

@@ -24,8 +24,6 @@ from cft_lightning.regularizers.base import (
     check_choice,
     check_positive,
     consistency_loss,
-    labels_of,
-    masks_to_grid,
 )
 from cft_lightning.relevance.base import RelevanceMethod
 
@@ -129,13 +127,8 @@ class CFT(Regularizer):
         relevance: RelevanceMethod | None,
         reference_logits: Tensor | None,
     ) -> RegularizerOutput:
-        if relevance is None:
-            raise ValueError(f"{type(self).__name__} needs a relevance method (model.relevance in the config)")
-        masks = self.masks_of(batch, self.mask_kind)
-        labels = labels_of(batch).to(batch["image"].device)
-        targets = labels if self.relevance_target == "label" else None
-        rel = relevance(model, batch["image"], targets, differentiable=True)
-        grid_masks = masks_to_grid(masks.to(rel.maps.device), tuple(rel.maps.shape[-2:]))
+        rel, grid_masks, labels = self.guided_pass(batch, model, relevance, self.mask_kind,
+                                                   explain_labels=self.relevance_target == "label")
         concept, non_concept = alignment_terms(rel.maps, grid_masks, self.loss_form, self.eps)
         align = self.concept_weight * concept + self.non_concept_weight * non_concept
         cls = consistency_loss(rel.logits, self.consistency_target, labels, reference_logits, self.temperature)

@@ -26,8 +26,6 @@ from cft_lightning.regularizers.base import (
     check_choice,
     check_positive,
     consistency_loss,
-    labels_of,
-    masks_to_grid,
 )
 from cft_lightning.relevance.base import RelevanceMethod
 
@@ -88,12 +86,7 @@ class RobustViT(Regularizer):
         relevance: RelevanceMethod | None,
         reference_logits: Tensor | None,
     ) -> RegularizerOutput:
-        if relevance is None:
-            raise ValueError(f"{type(self).__name__} needs a relevance method (model.relevance in the config)")
-        masks = self.masks_of(batch, self.mask_kind)
-        labels = labels_of(batch).to(batch["image"].device)
-        rel = relevance(model, batch["image"], labels, differentiable=True)
-        grid = masks_to_grid(masks.to(rel.maps.device), tuple(rel.maps.shape[-2:]))
+        rel, grid, labels = self.guided_pass(batch, model, relevance, self.mask_kind)
         background, foreground = robust_vit_terms(rel.maps, grid)
         seg = self.background_weight * background + self.foreground_weight * foreground
         cls = consistency_loss(rel.logits, self.consistency_target, labels, reference_logits, self.temperature)
