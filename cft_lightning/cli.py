@@ -155,13 +155,15 @@ def main(args: list[str] | None = None) -> None:
     # Lightning 2.6 calls a pytree API that torch >= 2.10 deprecates: noise for every user, nothing to act on.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     argv = sys.argv[1:] if args is None else list(args)
-    if argv[:1] in (["demo"], ["explain"], ["masks"], ["concepts"]):  # not Trainer subcommands: own parsers
+    if argv[:1] in (["demo"], ["explain"], ["masks"], ["concepts"], ["critique"]):  # own parsers, not Trainer's
         if argv[0] == "demo":
             from cft_lightning.demo import main as command
         elif argv[0] == "explain":
             from cft_lightning.explain import main as command
         elif argv[0] == "concepts":
             from cft_lightning.concepts.discovery import main as command
+        elif argv[0] == "critique":
+            from cft_lightning.critique.cli import main as command
         else:
             from cft_lightning.masks.cli import main as command
         try:

@@ -80,11 +80,18 @@ def test_masks_are_the_union_of_sam_masks_of_the_boxes(models: Path, monkeypatch
     boxes = g.boxes(image, "round eye")
     assert len(boxes) > 0 and (boxes[:, 2] <= 70 + 1e-3).all() and (boxes[:, 3] <= 50 + 1e-3).all()
     want = np.zeros((50, 70), dtype=bool)
-    for box in boxes:  # one SAM call per box, independently
-        want |= g.segment(image, box[None])
+    for box in boxes:  # the transformers recipe, one full SAM call per box, independently
+        inputs = g.sam_processor(images=image, input_boxes=[[box.tolist()]], return_tensors="pt")
+        with torch.inference_mode():
+            pred = g.sam(**inputs, multimask_output=False).pred_masks
+        want |= g.sam_processor.image_processor.post_process_masks(
+            pred, inputs["original_sizes"], inputs["reshaped_input_sizes"])[0].reshape(50, 70).numpy()
     masks = g("alpha/0.png", "alpha", ["round eye", "alpha"])
     assert set(masks) == {"round eye", "alpha"} and masks["round eye"].shape == (50, 70)
     assert np.array_equal(masks["round eye"], want)
+    batched = g.detect(image, ["round eye", "alpha", "striped fin"])  # padded batch == one prompt at a time
+    for prompt, got in zip(["round eye", "alpha", "striped fin"], batched):
+        assert torch.allclose(got, g.boxes(image, prompt), atol=1e-4)
     assert g.prompt_text("Round Eye") == "round eye." and g.prompt_text("fin.") == "fin."
 
 

@@ -13,7 +13,8 @@ On disk, in the same format as real data (`docs/data.md`), written once into a c
     masks/            mask store: object, concept (union of parts), per-concept masks, decoy (with decoy=True)
     concepts.json     the concept bank {class: [concept, ...]}, as the LLM stage produces it
     metadata.csv      image, group ("<class>|<background>"), label, split, background, group_id
-                      (= label * num_backgrounds + background)
+                      (= label * num_backgrounds + background); in the decoy-only variant
+                      (`background_shortcut=False`) groups are "<class>|decoy <colour's class>" instead
     benchmark.json    the spec and every file's size and sha256; written last: a folder without it is incomplete
 
 Deterministic: sample i of a split and class is drawn from its own seeded generator, so any missing or
@@ -57,6 +58,9 @@ class ShortcutPartsSpec:
         train_per_class, val_per_class, test_per_class: images per class in train / val / each test split.
         spurious_rate: probability that a train/val/test_id image shows its class's background (and decoy).
         decoy: also draw a class-coloured decoy square in a corner (same rate; random in test_ood).
+        background_shortcut: the background carries the class (the default). False, with `decoy`, is the
+            DecoyMNIST-style variant: backgrounds are drawn at random in every split, the decoy colour alone
+            carries the class (balanced over classes in test_ood), and groups are (class, decoy colour).
         seed: generation seed.
     """
 
@@ -67,6 +71,7 @@ class ShortcutPartsSpec:
     test_per_class: int = 96
     spurious_rate: float = 0.95
     decoy: bool = False
+    background_shortcut: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -78,6 +83,8 @@ class ShortcutPartsSpec:
             raise DataError("shortcut-parts: every split needs at least one image per class")
         if not 0.0 <= self.spurious_rate <= 1.0:
             raise DataError(f"shortcut-parts: spurious_rate must be in [0, 1], got {self.spurious_rate}")
+        if not (self.background_shortcut or self.decoy):
+            raise DataError("shortcut-parts: background_shortcut=False needs decoy=True (else nothing is spurious)")
 
     def per_class(self, split: str) -> int:
         return {"train": self.train_per_class, "val": self.val_per_class}.get(split, self.test_per_class)
@@ -105,6 +112,12 @@ def _cues(spec: ShortcutPartsSpec, split_index: int, label: int, i: int,
     """(background, decoy colour or None) of a sample: the class's own with probability `spurious_rate`
     except in test_ood, where every class appears on every background in equal numbers."""
     n_bg = spec.num_classes
+    if not spec.background_shortcut:  # DecoyMNIST-style: only the decoy carries the class
+        background = int(rng.integers(n_bg))
+        if SPLITS[split_index] == "test_ood":
+            return background, (i + label) % n_bg
+        other = int((label + 1 + rng.integers(n_bg - 1)) % n_bg)
+        return background, (label if rng.random() < spec.spurious_rate else other)
     if SPLITS[split_index] == "test_ood":
         return (i + label) % n_bg, (int(rng.integers(n_bg)) if spec.decoy else None)
     background = label if rng.random() < spec.spurious_rate else int((label + 1 + rng.integers(n_bg - 1)) % n_bg)
@@ -229,10 +242,13 @@ def _write_tables(out: Path, spec: ShortcutPartsSpec) -> None:
     for s, split in enumerate(SPLITS):
         for label, name in enumerate(bank):
             for i in range(spec.per_class(split)):
-                background, _ = _cues(spec, s, label, i, _rng(spec, s, label, i))
-                group = label * spec.num_classes + background
+                background, decoy = _cues(spec, s, label, i, _rng(spec, s, label, i))
                 bg_name = BACKGROUNDS[background][0]
-                rows.append(f"{name}/{split}_{i:04d}.png,{name}|{bg_name},{name},{split},{bg_name},{group}")
+                if spec.background_shortcut:
+                    group, group_name = label * spec.num_classes + background, f"{name}|{bg_name}"
+                else:  # groups by the decoy, the only shortcut
+                    group, group_name = label * spec.num_classes + decoy, f"{name}|decoy {CLASS_NAMES[decoy]}"
+                rows.append(f"{name}/{split}_{i:04d}.png,{group_name},{name},{split},{bg_name},{group}")
     for rel, text in (("metadata.csv", "\n".join(rows) + "\n"),
                       ("concepts.json", json.dumps(bank, indent=2) + "\n")):
         atomic_write(out / rel, lambda fh, text=text: fh.write(text.encode("utf-8")))

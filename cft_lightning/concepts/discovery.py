@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from cft_lightning.concepts.filters import Embedder, filter_concepts, sentence_transformer_embedder
-from cft_lightning.concepts.llm import CachedChat, ChatError
+from cft_lightning.concepts.llm import CachedChat, ChatError, ChatRefusal
 from cft_lightning.data.errors import DataError
 from cft_lightning.data.mask_store import atomic_write
 
@@ -112,7 +112,11 @@ def load_concept_bank(path: str | Path) -> dict[str, list[str]]:
 
 def _ask(chat: CachedChat, prompt: str, sample: int, malformed_retries: int) -> list[str]:
     for attempt in range(malformed_retries + 1):
-        items = parse_list(chat([{"role": "user", "content": prompt}], sample=sample + 1000 * attempt))
+        try:
+            items = parse_list(chat([{"role": "user", "content": prompt}], sample=sample + 1000 * attempt))
+        except ChatRefusal as exc:  # a refusal or an empty answer: asked again like a malformed one
+            log.warning("%s (prompt %r, sample %d, attempt %d)", exc, prompt[-60:], sample, attempt + 1)
+            continue
         if items:
             return items
         log.warning("no list in the answer to %r (sample %d, attempt %d)", prompt[-60:], sample, attempt + 1)

@@ -4,7 +4,9 @@ Every answer is stored under `cache_dir/<sha256 of (model, messages, temperature
 before it is used, so a rerun costs nothing and a crashed run resumes where it stopped. The cache holds
 the request's model, messages and the answer text, never the API key (which is read from the environment
 variable named by `api_key_env` and only handed to the client). Rate limits (429), timeouts and server
-errors (5xx) are retried by the openai client with exponential backoff (`max_retries`).
+errors (5xx) are retried by the openai client with exponential backoff (`max_retries`). Images in the
+messages (data URLs) are stored in the cache record as their sha256, not their bytes. A refusal or an empty
+answer raises `ChatRefusal` and is not cached (a rerun asks again).
 """
 
 from __future__ import annotations
@@ -18,11 +20,42 @@ from typing import Any
 
 from cft_lightning.data.mask_store import atomic_write
 
-__all__ = ["CachedChat", "ChatError"]
+__all__ = ["CachedChat", "ChatAnswer", "ChatError", "ChatRefusal"]
 
 
 class ChatError(RuntimeError):
     """The endpoint failed for good (after the client's retries)."""
+
+
+class ChatRefusal(ChatError):
+    """The model refused, or answered nothing."""
+
+
+@dataclass
+class ChatAnswer:
+    """An answer: its text, why generation stopped (`stop`, `length`, ...) and whether it came from the cache."""
+
+    text: str
+    finish_reason: str | None = None
+    cached: bool = False
+
+
+def _redact_images(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The messages with every data-URL image replaced by `sha256:<digest>` (for the cache record)."""
+    out = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                url = part.get("image_url", {}).get("url", "") if isinstance(part, dict) else ""
+                if url.startswith("data:"):
+                    digest = hashlib.sha256(url.encode("ascii", "replace")).hexdigest()
+                    part = {**part, "image_url": {**part["image_url"], "url": f"sha256:{digest}"}}
+                parts.append(part)
+            message = {**message, "content": parts}
+        out.append(message)
+    return out
 
 
 @dataclass
@@ -50,9 +83,12 @@ class CachedChat:
                                                             "completion_tokens": 0})
     _client: Any = None
 
-    def key(self, messages: list[dict[str, str]], sample: int) -> str:
-        payload = json.dumps({"model": self.model, "messages": messages, "temperature": self.temperature,
-                              "max_tokens": self.max_tokens, "sample": sample}, sort_keys=True)
+    def key(self, messages: list[dict[str, Any]], sample: int, response_format: dict[str, Any] | None = None) -> str:
+        request = {"model": self.model, "messages": messages, "temperature": self.temperature,
+                   "max_tokens": self.max_tokens, "sample": sample}
+        if response_format is not None:
+            request["response_format"] = response_format
+        payload = json.dumps(request, sort_keys=True)
         return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
     def _openai(self) -> Any:
@@ -64,28 +100,46 @@ class CachedChat:
                                   timeout=self.timeout)
         return self._client
 
-    def __call__(self, messages: list[dict[str, str]], sample: int = 0) -> str:
-        """The answer to `messages`; `sample` distinguishes repeated samples of the same prompt."""
-        path = Path(self.cache_dir) / f"{self.key(messages, sample)}.json"
+    def __call__(self, messages: list[dict[str, Any]], sample: int = 0) -> str:
+        """The answer text to `messages`; `sample` distinguishes repeated samples of the same prompt."""
+        return self.complete(messages, sample).text
+
+    def complete(self, messages: list[dict[str, Any]], sample: int = 0,
+                 response_format: dict[str, Any] | None = None) -> ChatAnswer:
+        """The answer to `messages` (from the cache if asked before), with its finish reason."""
+        path = Path(self.cache_dir) / f"{self.key(messages, sample, response_format)}.json"
         if path.is_file():
             try:
+                record = json.loads(path.read_text(encoding="utf-8"))
+                answer = ChatAnswer(record["answer"], record.get("finish_reason"), cached=True)
                 self.usage["cached"] += 1
-                return json.loads(path.read_text(encoding="utf-8"))["answer"]
+                return answer
             except (ValueError, KeyError):
                 path.unlink()  # a damaged entry is asked again
         import openai
 
+        extra = {} if response_format is None else {"response_format": response_format}
         try:
             response = self._openai().chat.completions.create(
-                model=self.model, messages=messages, temperature=self.temperature, max_tokens=self.max_tokens)
+                model=self.model, messages=messages, temperature=self.temperature, max_tokens=self.max_tokens,
+                **extra)
         except openai.APIError as exc:
             raise ChatError(f"{type(exc).__name__} from {self.base_url or 'the OpenAI API'}: {exc}") from exc
-        answer = response.choices[0].message.content or ""
         self.usage["calls"] += 1
         if response.usage is not None:
             self.usage["prompt_tokens"] += int(response.usage.prompt_tokens or 0)
             self.usage["completion_tokens"] += int(response.usage.completion_tokens or 0)
-        record = {"model": self.model, "messages": messages, "sample": sample, "answer": answer}
+        if not response.choices:
+            raise ChatRefusal(f"{self.model} returned no choices")
+        choice = response.choices[0]
+        refusal = getattr(choice.message, "refusal", None)
+        if refusal:
+            raise ChatRefusal(f"{self.model} refused: {refusal}")
+        answer = choice.message.content or ""
+        if not answer.strip():
+            raise ChatRefusal(f"{self.model} returned an empty answer (finish_reason {choice.finish_reason!r})")
+        record = {"model": self.model, "messages": _redact_images(messages), "sample": sample, "answer": answer,
+                  "finish_reason": choice.finish_reason}
         text = json.dumps(record, indent=1) + "\n"
         atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
-        return answer
+        return ChatAnswer(answer, choice.finish_reason)

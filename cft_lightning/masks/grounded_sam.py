@@ -2,10 +2,12 @@
 
 For a prompt (a concept, or the class name for the object mask), GroundingDINO proposes boxes; those whose
 score exceeds `box_threshold` are segmented by SAM, and the prompt's mask is the union of the box masks
-(empty when no box passes). One detector forward per prompt, as the CFT release does, so boxes map to
-concepts unambiguously. Defaults: GroundingDINO's box 0.35 / text 0.25 (the GroundingDINO README; the CFT
-release uses 0.35 / 0.65 with grounding-dino-base); prompts are lower-cased and end with ".". Any hub id or
-local folder works for both models (`AutoModelForZeroShotObjectDetection`, `SamModel`).
+(empty when no box passes). Each prompt gets its own detector query, as in the CFT release, so boxes map to
+concepts unambiguously; the prompts of one image go through the detector as one batch of `prompt_batch`.
+SAM's image encoder (most of its cost) runs once per image, and the boxes of all prompts are decoded in one
+call. Defaults: GroundingDINO's box 0.35 / text 0.25 (the GroundingDINO README; the CFT release uses
+0.35 / 0.65 with grounding-dino-base); prompts are lower-cased and end with ".". Any hub id or local folder
+works for both models (`AutoModelForZeroShotObjectDetection`, `SamModel`).
 """
 
 from __future__ import annotations
@@ -34,11 +36,15 @@ class GroundedSAM:
         box_threshold: float = 0.35,
         text_threshold: float = 0.25,
         device: str = "cpu",
+        prompt_batch: int = 8,
     ) -> None:
         from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor, SamModel, SamProcessor
 
+        if prompt_batch < 1:
+            raise ValueError(f"prompt_batch must be >= 1, got {prompt_batch}")
         self.images_root = Path(images_root)
         self.box_threshold, self.text_threshold = box_threshold, text_threshold
+        self.prompt_batch = prompt_batch
         self.device = torch.device(device)
         self.det_processor = AutoProcessor.from_pretrained(detector)
         self.detector = AutoModelForZeroShotObjectDetection.from_pretrained(detector).to(self.device).eval()
@@ -51,27 +57,59 @@ class GroundedSAM:
         return text if text.endswith(".") else text + "."
 
     @torch.inference_mode()
-    def boxes(self, image: Any, prompt: str) -> torch.Tensor:
-        """(n, 4) xyxy pixel boxes for `prompt` above the box threshold."""
-        inputs = self.det_processor(images=image, text=self.prompt_text(prompt), return_tensors="pt").to(self.device)
+    def detect(self, image: Any, prompts: Sequence[str]) -> list[torch.Tensor]:
+        """For each prompt, its (n, 4) xyxy pixel boxes above the box threshold (one batched forward)."""
+        texts = [self.prompt_text(p) for p in prompts]
+        inputs = self.det_processor(images=[image] * len(texts), text=texts, padding=True,
+                                    return_tensors="pt").to(self.device)
         outputs = self.detector(**inputs)
-        result = self.det_processor.post_process_grounded_object_detection(
+        results = self.det_processor.post_process_grounded_object_detection(
             outputs, inputs["input_ids"], threshold=self.box_threshold, text_threshold=self.text_threshold,
-            target_sizes=[(image.height, image.width)])[0]
-        return result["boxes"].float().cpu()
+            target_sizes=[(image.height, image.width)] * len(texts))
+        return [r["boxes"].float().cpu() for r in results]
+
+    def boxes(self, image: Any, prompt: str) -> torch.Tensor:
+        """(n, 4) xyxy pixel boxes for one prompt."""
+        return self.detect(image, [prompt])[0]
 
     @torch.inference_mode()
+    def embed(self, image: Any) -> dict[str, torch.Tensor]:
+        """SAM's image embedding and the sizes its post-processing needs (the encoder: once per image)."""
+        inputs = self.sam_processor(images=image, return_tensors="pt").to(self.device)
+        return {"image_embeddings": self.sam.get_image_embeddings(inputs["pixel_values"]),
+                "original_sizes": inputs["original_sizes"].cpu(),
+                "reshaped_input_sizes": inputs["reshaped_input_sizes"].cpu()}
+
+    @torch.inference_mode()
+    def segment_boxes(self, image: Any, boxes: torch.Tensor, embedding: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(n, H, W) bool: SAM's mask for each box, all decoded in one call on the image's embedding."""
+        if len(boxes) == 0:
+            return torch.zeros((0, image.height, image.width), dtype=torch.bool)
+        # boxes into the resized frame SAM's encoder saw (what the processor does given the image again)
+        (h, w), (rh, rw) = embedding["original_sizes"][0].tolist(), embedding["reshaped_input_sizes"][0].tolist()
+        scaled = boxes * torch.tensor([rw / w, rh / h, rw / w, rh / h])
+        outputs = self.sam(image_embeddings=embedding["image_embeddings"],
+                           input_boxes=scaled[None].to(self.device), multimask_output=False)
+        masks = self.sam_processor.image_processor.post_process_masks(
+            outputs.pred_masks.cpu(), embedding["original_sizes"], embedding["reshaped_input_sizes"])[0]
+        return masks.reshape(-1, image.height, image.width).bool()
+
     def segment(self, image: Any, boxes: torch.Tensor) -> np.ndarray:
         """(H, W) bool: the union of SAM's masks for `boxes`."""
-        union = np.zeros((image.height, image.width), dtype=bool)
         if len(boxes) == 0:
-            return union
-        inputs = self.sam_processor(images=image, input_boxes=[boxes.tolist()], return_tensors="pt").to(self.device)
-        outputs = self.sam(**inputs, multimask_output=False)
-        masks = self.sam_processor.image_processor.post_process_masks(
-            outputs.pred_masks.cpu(), inputs["original_sizes"].cpu(), inputs["reshaped_input_sizes"].cpu())[0]
-        return union | masks.reshape(-1, image.height, image.width).any(dim=0).numpy()
+            return np.zeros((image.height, image.width), dtype=bool)
+        return self.segment_boxes(image, boxes, self.embed(image)).any(dim=0).numpy()
 
     def __call__(self, rel: str, class_name: str, prompts: Sequence[str]) -> dict[str, np.ndarray]:
         image = load_image(self.images_root / rel)
-        return {prompt: self.segment(image, self.boxes(image, prompt)) for prompt in prompts}
+        found: list[torch.Tensor] = []
+        for start in range(0, len(prompts), self.prompt_batch):
+            found += self.detect(image, prompts[start:start + self.prompt_batch])
+        out = {p: np.zeros((image.height, image.width), dtype=bool) for p in prompts}
+        if sum(len(b) for b in found) == 0:
+            return out
+        masks = self.segment_boxes(image, torch.cat(found), self.embed(image))
+        owner = torch.repeat_interleave(torch.arange(len(prompts)), torch.tensor([len(b) for b in found]))
+        for i, prompt in enumerate(prompts):
+            out[prompt] = masks[owner == i].any(dim=0).numpy()
+        return out
