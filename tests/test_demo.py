@@ -145,3 +145,31 @@ def test_mask_stage_pipeline_reproduces_the_benchmark_masks_run(demo_run: Path) 
     ours = json.loads((out / "seed_0" / "cft" / "results.json").read_text())["splits"]
     theirs = json.loads((demo_run / "run" / "seed_0" / "cft" / "results.json").read_text())["splits"]
     assert ours == theirs
+
+
+def test_decoy_demo_runs_the_critique_stage_and_reports_mu_align(tmp_path: Path) -> None:
+    """`--decoy_only --critic pipeline`: LVLM-VA's masks come from the critique stage (sampling, attribution,
+    PPEPS-WGM, oracle critic on the decoy masks), and every row gets the OOD mean group accuracy and mu_align."""
+    from cft_lightning.data.mask_store import MaskStore
+
+    out = tmp_path / "run"
+    main(["demo", "--out", str(out), "--data_dir", str(tmp_path / "data"), "--methods", "plain", "lvlm_va",
+          "--decoy_only", "--critic", "pipeline", "--overlays", "0", *TINY])
+    critique = json.loads((out / "seed_0" / "lvlm_va_critique" / "critique" / "summary.json").read_text())
+    selection = json.loads((out / "seed_0" / "lvlm_va" / "fine_tuning_classes.json").read_text())["train_images"]
+    assert critique["critic"] == "oracle" and critique["alignment_set"] == len(selection) // 2
+    store = MaskStore(out / "seed_0" / "lvlm_va_critique")
+    assert sum(store.has(rel, "critic") for rel in selection) == critique["masks_written"] == len(selection) // 2
+    for method in ("plain", "lvlm_va"):
+        metrics = json.loads((out / "seed_0" / method / "results.json").read_text())["splits"]["test_ood"]["metrics"]
+        assert 0.0 <= metrics["mu_align"]["original"] <= 1.0 and 0.0 <= metrics["mu_align"]["fine_tuned"] <= 1.0
+        assert "worst_group_acc" in metrics and "mean_group_acc" in metrics
+    header = (out / "summary.md").read_text().splitlines()[0]
+    assert "OOD mu_align" in header and "OOD mean group acc" in header
+
+
+def test_critique_pipeline_needs_a_decoy_benchmark(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        main(["demo", "--out", str(tmp_path / "run"), "--data_dir", str(tmp_path / "data"), "--methods", "lvlm_va",
+              "--critic", "pipeline", "--overlays", "0", *TINY])
+    assert "needs a decoy benchmark" in capsys.readouterr().err

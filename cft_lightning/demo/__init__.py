@@ -30,6 +30,11 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"fine-tuning methods compared on the same pretrained model (default: %(default)s; {groups})")
     p.add_argument("--spurious_rate", type=float, default=b.spurious_rate, help="background = class rate in training")
     p.add_argument("--decoy", action="store_true", help="also draw a class-coloured decoy square")
+    p.add_argument("--decoy_only", action="store_true",
+                   help="DecoyMNIST-style: the decoy alone carries the class (backgrounds at random)")
+    p.add_argument("--critic", default=d.critic, choices=["oracle_mask", "pipeline"],
+                   help="lvlm_va's corrective masks: the background mask (oracle_mask), or the critique stage "
+                   "with the oracle critic on the decoy masks (pipeline) (default: %(default)s)")
     p.add_argument("--num_classes", type=int, default=b.num_classes)
     p.add_argument("--image_size", type=int, default=b.image_size)
     p.add_argument("--train_per_class", type=int, default=b.train_per_class)
@@ -85,12 +90,13 @@ def main(argv: list[str] | None = None) -> None:
     args.methods = list(dict.fromkeys(m for name in args.methods for m in METHOD_GROUPS.get(name, [name])))
     benchmark = ShortcutPartsSpec(num_classes=args.num_classes, image_size=args.image_size,
                                   train_per_class=args.train_per_class, test_per_class=args.test_per_class,
-                                  spurious_rate=args.spurious_rate, decoy=args.decoy)
+                                  spurious_rate=args.spurious_rate, decoy=args.decoy or args.decoy_only,
+                                  background_shortcut=not args.decoy_only)
     settings = DemoSettings(out=args.out, seeds=args.seeds, methods=args.methods, benchmark=benchmark,
                             data_dir=args.data_dir, pretrain_epochs=args.pretrain_epochs,
                             finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
                             images_per_class=args.images_per_class, fewshot_pool=args.fewshot_pool,
-                            mask_source=args.mask_source,
+                            mask_source=args.mask_source, critic=args.critic,
                             progress=not args.no_progress)
     Path(settings.out).mkdir(parents=True, exist_ok=True)
     summary = run_demo(settings)

@@ -71,6 +71,8 @@ METHODS: dict[str, Any] = {
     "robust_vit": lambda: (RobustViT(), GradientRollout()),
     # LVLM-VA's alignment with an oracle critic: the benchmark's background masks as corrective masks
     "lvlm_va": lambda: (LVLMCritic(alignment_ratio=0.5), None),
+    # the same with LVLM-VA's DecoyMNIST lambda (1e5; lambda = 1 above is its value on real data)
+    "lvlm_va_1e5": lambda: (LVLMCritic(grad_weight=1e5, alignment_ratio=0.5), None),
 }
 # `cft demo --methods all`: the controls, CFT and every baseline (the variants cft_gt / cft_rollout are probes)
 ALL_METHODS = ["plain", "object", "cft", "rrr", "gradmask", "rrda", "robust_vit", "lvlm_va"]
@@ -102,6 +104,11 @@ class DemoSettings:
     # "benchmark": the generator's masks; "pipeline": the concept bank validated and grounded by the mask stage
     # (cft concepts validate + cft masks generate, with the oracle grounder standing in for Grounded-SAM)
     mask_source: str = "benchmark"
+    # LVLM-VA's corrective masks: "oracle_mask" (the background mask on the low-entropy half, no critique
+    # stage) or "pipeline" (the critique stage: sampling, attribution, PPEPS-WGM, oracle critic on the
+    # benchmark's decoy masks; needs a decoy benchmark)
+    critic: str = "oracle_mask"
+    critique_segments: int = 4
     batch_size: int = 8
     progress: bool = True
 
@@ -195,6 +202,49 @@ def oracle_critic_store(dm: GuidanceDataModule, data: Path, weights: Path, setti
     return store_dir
 
 
+def critique_store(dm: GuidanceDataModule, data: Path, weights: Path, settings: DemoSettings,
+                   store_dir: Path) -> Path:
+    """A mask store for LVLM-VA made by the critique stage (`cft critique`'s code path): the low-entropy half of
+    the few-shot training images, input-x-gradient attributions, PPEPS-WGM segments, and the oracle critic
+    reading the benchmark's `decoy` masks (a segment is spurious when half of its positive effect lies on
+    the decoy); the benchmark's other masks are linked in."""
+    from cft_lightning.critique import CritiqueSettings, OracleCritic, run_critique
+    from cft_lightning.critique.cli import build_attributor
+
+    if not settings.benchmark.decoy:
+        raise ValueError("cft demo: --critic pipeline needs a decoy benchmark (--decoy or --decoy_only): the oracle "
+                         "critic reads the decoy masks")
+    source = data / "masks"
+    store_dir.mkdir(parents=True, exist_ok=True)
+    for entry in source.iterdir():
+        link = store_dir / entry.name
+        if not link.exists() and entry.name not in (CRITIC_KIND, "critique"):
+            link.symlink_to(entry.resolve())
+    samples = build_samples(dm.selection.train, dm.class_names, None, str(dm.root))
+    model = build_backbone(settings.backbone(str(weights))).eval()
+    critique = CritiqueSettings(samples=max(1, len(samples) // 2), segments=settings.critique_segments,
+                                batch_size=16, progress=settings.progress, write_views=True)
+    run_critique(model, resolve_data_config(model), dm.root, [(s.path, s.label) for s in samples],
+                 list(dm.class_names), build_attributor("ixg", model), OracleCritic(0.5), store_dir,
+                 {"*": "the creature's body and its two parts"}, critique, truth=(str(source), "decoy"))
+    return store_dir
+
+
+def decoy_alignment(model: torch.nn.Module, data: Path, split: str = "test_ood") -> float:
+    """LVLM-VA's mu_align of `model` on a split of a decoy benchmark (input x gradient, explaining the label)."""
+    from cft_lightning.critique.cli import build_attributor
+    from cft_lightning.critique.metrics import mu_align
+    from cft_lightning.critique.stage import ImageItems
+
+    root = data / "images" / split
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    items = [(f"{c}/{f.name}", i) for i, c in enumerate(classes) for f in sorted((root / c).iterdir())]
+    transform = build_transforms(resolve_data_config(model))[1]
+    loader = torch.utils.data.DataLoader(ImageItems(root, items, transform, (MaskStore(data / "masks"), "decoy")),
+                                         batch_size=64)
+    return mu_align(model, loader, build_attributor("ixg", model))
+
+
 def finetune_and_test(settings: DemoSettings, data: Path, seed: int, method: str, weights: Path,
                       out: Path) -> dict[str, Any]:
     """Fine-tune the pretrained model with `method` and test Original vs fine-tuned; returns the results."""
@@ -215,7 +265,12 @@ def finetune_and_test(settings: DemoSettings, data: Path, seed: int, method: str
     dm = GuidanceDataModule(**kwargs)
     ratio = getattr(regularizer, "alignment_ratio", None)
     if ratio is not None:  # LVLM-VA: the same few-shot images, the low-entropy half with oracle critic masks
-        store = oracle_critic_store(dm, data, weights, settings, out.parent / f"{method}_masks")
+        if settings.critic == "pipeline":
+            store = critique_store(dm, data, weights, settings, out.parent / f"{method}_critique")
+        elif settings.critic == "oracle_mask":
+            store = oracle_critic_store(dm, data, weights, settings, out.parent / f"{method}_masks")
+        else:
+            raise ValueError(f"cft demo: critic must be 'oracle_mask' or 'pipeline', got {settings.critic!r}")
         kwargs.update(masks=str(store),
                       alignment_kind=CRITIC_KIND, alignment_ratio=ratio)
         dm = GuidanceDataModule(**kwargs)
@@ -226,6 +281,12 @@ def finetune_and_test(settings: DemoSettings, data: Path, seed: int, method: str
     torch.save(model.backbone.state_dict(), out / "fine_tuned.pth")
     results = json.loads((out / "results.json").read_text())
     results["fine_tuning_classes"] = list(dm.fine_tuning_classes)
+    if settings.benchmark.decoy:  # LVLM-VA's alignment score, before and after, on the OOD split
+        before = decoy_alignment(build_backbone(settings.backbone(str(weights))), data)
+        after = decoy_alignment(model.backbone, data)
+        results["splits"]["test_ood"]["metrics"]["mu_align"] = {"original": before, "fine_tuned": after,
+                                                               "delta": after - before}
+        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
 
 

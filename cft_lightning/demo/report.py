@@ -21,6 +21,8 @@ KEY_METRICS = (
     ("test_id", "acc1", "ID top-1"),
     ("test_id", "acc5", "ID top-5"),
     ("test_ood", "map", "OOD relevance mAP"),
+    ("test_ood", "mean_group_acc", "OOD mean group acc"),
+    ("test_ood", "mu_align", "OOD mu_align"),  # decoy benchmarks: share of |attribution| off the decoy
 )
 # the bar chart leaves out top-5 (with few classes it is close to 100 for every model)
 CHART_METRICS = ("OOD top-1", "OOD WGA", "ID top-1", "OOD relevance mAP")
@@ -74,7 +76,8 @@ CLASS_SPLIT_LABELS = ("OOD top-1, fine-tuned classes", "OOD top-1, held-out clas
 
 def summary_markdown(summary: dict[str, dict[str, tuple[float, float, int]]]) -> str:
     labels = [label for _, _, label in KEY_METRICS]
-    labels += [label for label in CLASS_SPLIT_LABELS if any(label in row for row in summary.values())]
+    labels += [label for label in CLASS_SPLIT_LABELS]
+    labels = [label for label in labels if any(label in row for row in summary.values())]
     lines = ["| model | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
     for row, metrics in summary.items():
         cells = []

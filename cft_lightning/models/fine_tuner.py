@@ -134,6 +134,7 @@ class GuidedFineTuner(L.LightningModule):
             {f"{stage}_{who}": accuracy_metrics(self.num_classes) for stage in _STAGES for who in ("model", "ref")}
         )
         self._warned_inference = False
+        self._warned_val_masks = False
 
     # ------------------------------------------------------------------ reference model
     @property
@@ -263,7 +264,12 @@ class GuidedFineTuner(L.LightningModule):
                 self._warned_inference = True
             return False
         masks = batch.get("masks") or {}
-        return all(k in masks for k in getattr(self.regularizer, "required_masks", ()))
+        missing = [k for k in getattr(self.regularizer, "required_masks", ()) if k not in masks]
+        if missing and not self._warned_val_masks:
+            rank_zero_warn(f"validation batches carry no {missing} masks, so the guided loss (val/loss) is not "
+                           "logged, only accuracy; a checkpoint callback should monitor val/acc1")
+            self._warned_val_masks = True
+        return not missing
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         labels = batch["label"]
