@@ -166,3 +166,42 @@ def vision_stub_server():
     server = serve(stub)
     yield stub, f"http://127.0.0.1:{server.server_address[1]}/v1"
     server.shutdown()
+
+
+def test_corrective_mask_is_the_union_of_the_spurious_segments(decoy_data: Path, tmp_path: Path):
+    """Two blobs of positive effect become two of three segments; the critic calls the one holding the second
+    blob spurious: the written mask is exactly that segment, drawn back onto the image."""
+    from cft_lightning.critique.critic import Verdicts
+    from cft_lightning.critique.ppeps import ppeps_segments
+    from cft_lightning.critique.stage import CritiqueGeneration, ImageItems
+
+    config = parse_data_config({"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3, "crop_pct": 1.0})
+    attribution = -torch.ones(32, 32)
+    attribution[2:10, 2:10], attribution[20:30, 18:30], attribution[14:18, 0:4] = 3.0, 1.0, 0.5
+
+    def attributor(model, images, targets):
+        return attribution.expand(len(images), 32, 32)
+
+    class SecondBlob:
+        name = "fake"
+
+        def __call__(self, sample):
+            flags = [bool(j == sample.segments[25, 25]) for j in range(len(sample.shares))]
+            return Verdicts(flags, "blob 2 is spurious", "{}")
+
+    rels = ["alpha/train_0000.png", "beta/train_0001.png"]
+    dataset = ImageItems(decoy_data / "images" / "train", [(rels[0], 0), (rels[1], 1)], JointTransform(config, False))
+    batch = torch.utils.data.default_collate([dataset[0], dataset[1]])
+    stage = CritiqueGeneration(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(3)), attributor,
+                               SecondBlob(), tmp_path, ["alpha", "beta", "gamma"], {"*": "x"}, segments=3,
+                               data_config=config, write_views=False)
+    stage.model(batch["image"])  # materialise the lazy layer
+    stage.on_predict_start()
+    records = stage.predict_step(batch, 0)
+    segments, shares, _ = ppeps_segments(attribution.numpy(), 3)
+    want = segments == segments[25, 25]
+    assert 0 < want.sum() < want.size and not want[5, 5]
+    for rel, record in zip(rels, records):
+        assert record["status"] == "ok" and record["spurious"].count(True) == 1
+        assert np.array_equal(MaskStore(tmp_path).read(rel, "critic"), want)  # crop_pct 1: the view is the image
+    assert stage.predict_step(batch, 1) == []  # done: skipped

@@ -113,9 +113,10 @@ def _paint_part(image: np.ndarray, name: str, region: np.ndarray, u: np.ndarray,
 
 
 def render(parts: tuple[str, ...], background: int, size: int, rng: np.random.Generator,
-           decoy: int | None = None) -> Rendered:
+           decoy: int | None = None, decoy_side: int | None = None) -> Rendered:
     """Draw a creature carrying `parts` on background `background` (index into BACKGROUNDS); with `decoy`, a
-    small square of colour DECOY_COLOURS[decoy] in a random corner."""
+    square of colour DECOY_COLOURS[decoy] in a random corner, `decoy_side` pixels wide (default
+    max(3, size // 12))."""
     image = _background(background, size, rng)
     scale = size * rng.uniform(0.23, 0.28)
     margin = 1.5 * scale
@@ -141,7 +142,7 @@ def render(parts: tuple[str, ...], background: int, size: int, rng: np.random.Ge
         obj |= region
     decoy_mask = np.zeros((size, size), dtype=bool)
     if decoy is not None:
-        side = max(3, size // 12)
+        side = decoy_side or max(3, size // 12)
         y0 = 1 if rng.random() < 0.5 else size - side - 1
         x0 = 1 if rng.random() < 0.5 else size - side - 1
         decoy_mask[y0:y0 + side, x0:x0 + side] = True

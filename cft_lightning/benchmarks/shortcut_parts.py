@@ -61,6 +61,7 @@ class ShortcutPartsSpec:
         background_shortcut: the background carries the class (the default). False, with `decoy`, is the
             DecoyMNIST-style variant: backgrounds are drawn at random in every split, the decoy colour alone
             carries the class (balanced over classes in test_ood), and groups are (class, decoy colour).
+        decoy_side: side of the decoy square in pixels (None: max(3, image_size // 12)).
         seed: generation seed.
     """
 
@@ -72,6 +73,7 @@ class ShortcutPartsSpec:
     spurious_rate: float = 0.95
     decoy: bool = False
     background_shortcut: bool = True
+    decoy_side: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -83,6 +85,8 @@ class ShortcutPartsSpec:
             raise DataError("shortcut-parts: every split needs at least one image per class")
         if not 0.0 <= self.spurious_rate <= 1.0:
             raise DataError(f"shortcut-parts: spurious_rate must be in [0, 1], got {self.spurious_rate}")
+        if self.decoy_side is not None and not 2 <= self.decoy_side <= self.image_size // 3:
+            raise DataError(f"shortcut-parts: decoy_side must be in [2, image_size // 3], got {self.decoy_side}")
         if not (self.background_shortcut or self.decoy):
             raise DataError("shortcut-parts: background_shortcut=False needs decoy=True (else nothing is spurious)")
 
@@ -136,7 +140,7 @@ def _draw(spec: ShortcutPartsSpec, split_index: int, label: int, i: int) -> Rend
     rng = _rng(spec, split_index, label, i)
     background, decoy = _cues(spec, split_index, label, i, rng)
     parts = class_parts(spec.num_classes)[CLASS_NAMES[label]]
-    return render(parts, background, spec.image_size, rng, decoy=decoy)
+    return render(parts, background, spec.image_size, rng, decoy=decoy, decoy_side=spec.decoy_side)
 
 
 def _png(array: np.ndarray) -> bytes:

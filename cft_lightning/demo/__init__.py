@@ -32,6 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--decoy", action="store_true", help="also draw a class-coloured decoy square")
     p.add_argument("--decoy_only", action="store_true",
                    help="DecoyMNIST-style: the decoy alone carries the class (backgrounds at random)")
+    p.add_argument("--decoy_side", type=int, default=None,
+                   help="decoy square side in pixels (default: image_size // 6 with --decoy_only, where the "
+                   "pretrained ViT does not pick up a smaller one; image_size // 12 otherwise)")
     p.add_argument("--critic", default=d.critic, choices=["oracle_mask", "pipeline"],
                    help="lvlm_va's corrective masks: the background mask (oracle_mask), or the critique stage "
                    "with the oracle critic on the decoy masks (pipeline) (default: %(default)s)")
@@ -91,7 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     benchmark = ShortcutPartsSpec(num_classes=args.num_classes, image_size=args.image_size,
                                   train_per_class=args.train_per_class, test_per_class=args.test_per_class,
                                   spurious_rate=args.spurious_rate, decoy=args.decoy or args.decoy_only,
-                                  background_shortcut=not args.decoy_only)
+                                  background_shortcut=not args.decoy_only,
+                                  decoy_side=args.decoy_side or (args.image_size // 6 if args.decoy_only else None))
     settings = DemoSettings(out=args.out, seeds=args.seeds, methods=args.methods, benchmark=benchmark,
                             data_dir=args.data_dir, pretrain_epochs=args.pretrain_epochs,
                             finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
