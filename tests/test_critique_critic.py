@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _vision_stub import SECRET, VisionStub, serve
+from _vision_stub import SECRET
 
 from cft_lightning.concepts.llm import CachedChat, ChatError
 from cft_lightning.critique.critic import (
@@ -21,14 +21,6 @@ from cft_lightning.critique.critic import (
     parse_verdicts,
 )
 from cft_lightning.data.errors import DataError
-
-
-@pytest.fixture()
-def vision_stub():
-    stub = VisionStub()
-    server = serve(stub)
-    yield stub, f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
 
 
 def sample(label: str, count: int = 3) -> CritiqueSample:

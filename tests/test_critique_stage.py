@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from _vision_stub import SECRET, VisionStub, serve
+from _vision_stub import SECRET
 
 from cft_lightning.benchmarks import ShortcutPartsSpec, build_shortcut_parts
 from cft_lightning.cli import main
@@ -83,8 +83,8 @@ def test_oracle_critique_writes_masks_reports_and_resumes(decoy_data: Path, cnn_
 
 
 def test_lvlm_critique_through_the_stub_keeps_the_key_out(decoy_data: Path, cnn_weights: Path, tmp_path: Path,
-                                                        monkeypatch: pytest.MonkeyPatch, vision_stub_server):
-    stub, url = vision_stub_server
+                                                        monkeypatch: pytest.MonkeyPatch, vision_stub):
+    stub, url = vision_stub
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
     (tmp_path / "d.yaml").write_text("'*': a creature's body with its two parts decides the class\n")
     out = tmp_path / "store"
@@ -159,13 +159,6 @@ def test_two_processes_critique_each_image_once(decoy_data: Path, cnn_weights: P
     assert len(records) == 6 and len({r["image"] for r in records}) == 6 and {r["rank"] for r in records} == {0, 1}
     assert json.loads((out / "critique" / "summary.json").read_text())["masks_written"] == 6
 
-
-@pytest.fixture()
-def vision_stub_server():
-    stub = VisionStub()
-    server = serve(stub)
-    yield stub, f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
 
 
 def test_corrective_mask_is_the_union_of_the_spurious_segments(decoy_data: Path, tmp_path: Path):
