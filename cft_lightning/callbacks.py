@@ -1,21 +1,33 @@
-"""Callbacks the `cft` command adds on its own.
+"""Callbacks: `PredictionWriter` (added by `cft predict` on its own) and `RelevanceOverlays` (opt-in).
 
 `PredictionWriter`: `cft predict` writes what it predicted, one CSV row per image, into the run's log
 directory (`predictions.csv`; under DDP one `predictions-rank<r>.csv` per process, since each rank sees a
 different shard of the images).
+
+`RelevanceOverlays`: every N training steps, the relevance maps of a few images of the batch for the
+Original and the fine-tuned model, written as `<log_dir>/overlays/step_<n>.png` and logged as an image to W&B
+or TensorBoard:
+
+    trainer:
+      callbacks:
+        - class_path: cft_lightning.callbacks.RelevanceOverlays
+          init_args: {every_n_steps: 200, num_images: 4}
 """
 
 from __future__ import annotations
 
 import csv
 import os
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback
+from lightning.pytorch.utilities import rank_zero_warn
 
-__all__ = ["PredictionWriter"]
+__all__ = ["PredictionWriter", "RelevanceOverlays"]
 
 FIELDS = ("path", "label", "pred", "prob", "ref_pred", "ref_prob")
 
@@ -81,3 +93,55 @@ class PredictionWriter(BasePredictionWriter):
             rows.append(row)
         with open(self.path, "a", newline="") as fh:
             csv.writer(fh).writerows(rows)
+
+
+class RelevanceOverlays(Callback):
+    """Relevance overlays of the training batch every `every_n_steps` steps (rank 0; the model's own relevance
+    method, in eval mode for the picture, so dropout does not blur it)."""
+
+    def __init__(self, every_n_steps: int = 500, num_images: int = 4) -> None:
+        if every_n_steps < 1 or num_images < 1:
+            raise ValueError("RelevanceOverlays: every_n_steps and num_images must be >= 1")
+        self.every_n_steps, self.num_images = every_n_steps, num_images
+        self.written: list[str] = []
+        self._warned = False
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        if step % self.every_n_steps:
+            return
+        directory = trainer.log_dir or trainer.default_root_dir  # a broadcast: every rank asks
+        if not trainer.is_global_zero:
+            return
+        relevance = getattr(pl_module, "relevance", None)
+        if relevance is None:
+            if not self._warned:
+                rank_zero_warn("RelevanceOverlays: the model has no relevance method (model.relevance); no overlays")
+                self._warned = True
+            return
+        from cft_lightning.evaluation.plots import denormalize, overlay_grid
+        from cft_lightning.models.backbone import resolve_data_config
+        from cft_lightning.tracking import log_images
+
+        images = batch["image"][: self.num_images].detach()
+        models = {"original": getattr(pl_module, "_reference", None), "fine_tuned": pl_module.backbone}
+        maps = {}
+        for name, model in models.items():
+            if model is None:
+                continue
+            was_training = model.training
+            model.eval()
+            try:
+                with torch.enable_grad():
+                    maps[name] = relevance(model, images, batch["label"][: self.num_images],
+                                           differentiable=False).maps.cpu()
+            finally:
+                model.train(was_training)
+        config = resolve_data_config(pl_module.backbone)
+        path = overlay_grid(denormalize(images, config["mean"], config["std"]), None, maps,
+                            Path(directory) / "overlays" / f"step_{step:06d}.png")
+        self.written.append(str(path))
+        from PIL import Image
+
+        log_images(trainer, "train/relevance", [np.asarray(Image.open(path).convert("RGB"))], step=step)

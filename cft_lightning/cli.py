@@ -29,6 +29,7 @@ from cft_lightning.data.errors import DataError
 from cft_lightning.models.backbone import BackboneError
 from cft_lightning.models.fine_tuner import GuidedFineTuner
 from cft_lightning.relevance._vit import UnsupportedModelError
+from cft_lightning.tracking import ensure_wandb_mode, log_config, write_run_summary
 
 __all__ = ["CFTCLI", "RunConfigSaver", "main", "redact"]
 
@@ -86,6 +87,7 @@ class RunConfigSaver(SaveConfigCallback):
                 yaml.safe_dump(config, fh, sort_keys=False)
             os.replace(tmp, path)
             self.saved_path = path
+            log_config(trainer, config)
             self.save_config(trainer, pl_module, stage)
             self.already_saved = True
         self.already_saved = trainer.strategy.broadcast(self.already_saved)
@@ -124,6 +126,11 @@ class CFTCLI(LightningCLI):
             "in_a, in_r, in_sketch, objectnet, si_score_location, si_score_rotation, si_score_size, imagenet_seg); "
             "roots from data.benchmarks or CFT_BENCHMARK_<NAME>",
         )
+        parser.add_argument(
+            "--test_after_fit", type=bool, default=False,
+            help="fit: then test the best checkpoint (the last weights without a monitored checkpoint) in the same "
+            "run, as one sweep run",
+        )
 
     def before_instantiate_classes(self) -> None:
         sub = self.config.get("subcommand")
@@ -140,6 +147,20 @@ class CFTCLI(LightningCLI):
                 )
             print(f"cft: using checkpoint {found}", file=sys.stderr)
             self.config[sub].ckpt_path = found
+
+    def after_fit(self) -> None:
+        """`run_summary.json` for the fit; with `--test_after_fit`, test in the same process and summarise."""
+        write_run_summary(self.trainer, "fit")
+        sub = self.config.get("subcommand")
+        if not (sub == "fit" and self.config[sub].get("test_after_fit")) or self.trainer.interrupted:
+            return
+        callback = self.trainer.checkpoint_callback
+        ckpt = "best" if callback is not None and getattr(callback, "best_model_path", "") else None
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
+        self.after_test()
+
+    def after_test(self) -> None:
+        write_run_summary(self.trainer, "test", {"results": getattr(self.model, "results_paths", None)})
 
     def before_predict(self) -> None:
         """`cft predict` writes predictions.csv into the run's log directory."""
@@ -174,6 +195,7 @@ def main(args: list[str] | None = None) -> None:
             print(f"cft: error: {err}", file=sys.stderr)
             raise SystemExit(2) from None
         return
+    ensure_wandb_mode()  # no W&B key: offline runs (wandb sync uploads them later) instead of a start-up error
     try:
         CFTCLI(args=args)
     except _USER_ERRORS as err:

@@ -172,7 +172,8 @@ def test_validation_on_the_embedded_benchmark(tmp_path: Path, capsys: pytest.Cap
     bank = {cls: [*ps, "pointed horn"] for cls, ps in parts.items() if "pointed horn" not in ps}
     (tmp_path / "bank.json").write_text(json.dumps(bank))
     args = ["concepts", "validate", "--bank", str(tmp_path / "bank.json"), "--images", str(data / "images" / "train"),
-            "--masks", str(data / "masks"), "--out", str(tmp_path / "v.json"), "--per_class", "5"]
+            "--grounder", "oracle", "--masks", str(data / "masks"), "--out", str(tmp_path / "v.json"),
+            "--per_class", "5"]
     main(args)
     assert "kept" in capsys.readouterr().out
     doc = json.loads((tmp_path / "v.json").read_text())

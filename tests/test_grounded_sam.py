@@ -116,3 +116,23 @@ def test_generate_masks_with_grounded_sam(models: Path, tmp_path: Path, monkeypa
         assert np.array_equal(store.read(rel, "concept"), union) and store.read(rel, "object").shape == (50, 70)
     assert generate_masks(images, {"alpha": ["round eye", "striped fin"]}, g, tmp_path / "store",
                           progress=False)["skipped"] == 2
+
+
+def test_cft_concepts_validate_with_grounded_sam(models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture):
+    """The validation CLI grounds with GroundingDINO + SAM (local folders) and records them in the provenance."""
+    import json
+
+    from cft_lightning.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "bank.json").write_text(json.dumps({"alpha": ["round eye", "striped fin"]}))
+    main(["concepts", "validate", "--bank", str(tmp_path / "bank.json"), "--images", str(models / "images"),
+          "--detector", str(models / "gd"), "--segmenter", str(models / "sam"), "--box_threshold", "0.0",
+          "--text_threshold", "0.0", "--occurrence", "0.0", "--coverage", "0.0", "--per_class", "2",
+          "--out", str(tmp_path / "v.json")])
+    doc = json.loads((tmp_path / "v.json").read_text())
+    assert doc["provenance"]["validation"]["grounder"] == "grounded_sam"
+    assert doc["provenance"]["validation"]["detector"] == str(models / "gd")
+    assert set(doc["concepts"]["alpha"]) <= {"round eye", "striped fin"}
+    assert "kept" in capsys.readouterr().out

@@ -121,10 +121,15 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="cft concepts validate", description="Occurrence and coverage validation.")
     p.add_argument("--bank", required=True, help="concept bank JSON (from `cft concepts`)")
     p.add_argument("--images", required=True, help="image folder (<class>/<image>) the P images are drawn from")
-    p.add_argument("--grounder", default="oracle", choices=["oracle"],
-                   help="oracle: masks looked up in --masks (the embedded benchmark); the Grounded-SAM grounder "
-                   "comes with `cft masks`")
+    p.add_argument("--grounder", default="grounded_sam", choices=["grounded_sam", "oracle"],
+                   help="grounded_sam: GroundingDINO + SAM (as `cft masks generate`); oracle: masks looked up in "
+                   "--masks (the embedded benchmark)")
     p.add_argument("--masks", help="mask store of the oracle grounder")
+    p.add_argument("--detector", default="IDEA-Research/grounding-dino-base", help="hub id or local folder")
+    p.add_argument("--segmenter", default="facebook/sam-vit-base", help="hub id or local folder")
+    p.add_argument("--box_threshold", type=float, default=0.35)
+    p.add_argument("--text_threshold", type=float, default=0.25)
+    p.add_argument("--device", default="cpu", help="device of the grounding models (e.g. cuda)")
     p.add_argument("--out", required=True, help="validated bank JSON")
     p.add_argument("--per_class", type=int, default=30, help="P, images per class (paper: 30)")
     p.add_argument("--occurrence", type=float, default=0.15, help="minimum occurrence rate (paper: 0.15)")
@@ -134,13 +139,23 @@ def main(argv: list[str] | None = None) -> None:
     if args.grounder == "oracle" and not args.masks:
         raise DataError("--grounder oracle needs --masks (a mask store with per-concept and object masks)")
     bank = load_concept_bank(args.bank)
-    validated, report = validate_bank(bank, images_by_class(args.images), OracleGrounder(args.masks),
+    if args.grounder == "oracle":
+        grounder: Grounder = OracleGrounder(args.masks)
+    else:
+        from cft_lightning.masks.grounded_sam import GroundedSAM
+
+        grounder = GroundedSAM(args.images, args.detector, args.segmenter, args.box_threshold, args.text_threshold,
+                               device=args.device)
+    validated, report = validate_bank(bank, images_by_class(args.images), grounder,
                                       per_class=args.per_class, occurrence=args.occurrence,
                                       coverage=args.coverage, seed=args.seed)
     doc = {"format": FORMAT, "concepts": validated, "provenance": {
         "source_bank": {"path": str(Path(args.bank).resolve()),
                         "sha256": hashlib.sha256(Path(args.bank).read_bytes()).hexdigest()},
-        "validation": {"grounder": args.grounder, "per_class": args.per_class, "occurrence": args.occurrence,
+        "validation": {"grounder": args.grounder, **({"detector": args.detector, "segmenter": args.segmenter,
+                       "box_threshold": args.box_threshold, "text_threshold": args.text_threshold}
+                       if args.grounder == "grounded_sam" else {}),
+                       "per_class": args.per_class, "occurrence": args.occurrence,
                        "coverage": args.coverage, "seed": args.seed},
         "report": report}}
     text = json.dumps(doc, indent=2) + "\n"

@@ -7,9 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from PIL import Image, ImageDraw
+
+from cft_lightning.evaluation.plots import overlay_grid
 
 __all__ = ["KEY_METRICS", "overlay_grid", "summarize", "summary_markdown"]
 
@@ -113,39 +112,4 @@ def bar_chart(summary: dict[str, dict[str, tuple[float, float, int]]], path: Pat
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return path
-
-
-def _heat(map_: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    up = F.interpolate(map_[None, None].float(), size=size, mode="bilinear", align_corners=False)[0, 0]
-    up = (up - up.min()) / (up.max() - up.min() + 1e-8)
-    v = up.numpy()
-    return np.stack([v, 0.25 + 0.5 * v * (1 - v) * 4 * 0.5, 1 - v], -1)  # blue (low) to red (high)
-
-
-def overlay_grid(images: np.ndarray, masks: np.ndarray | None, maps: dict[str, torch.Tensor], path: Path,
-                 scale: int = 3, mask_title: str = "concept mask") -> Path:
-    """One row per image: image | mask (when given) | one relevance overlay per model (maps on any grid),
-    under a header naming the columns. Overlays: red = high, blue = low relevance (min-max per image)."""
-    rows = []
-    for i in range(len(images)):
-        img = images[i].astype(np.float64) / 255
-        size = tuple(img.shape[:2])
-        tiles = [img] if masks is None else [img, np.repeat(masks[i][..., None].astype(np.float64), 3, -1)]
-        for m in maps.values():
-            tiles.append(0.45 * img + 0.55 * _heat(m[i], size))
-        rows.append(np.concatenate([np.pad(t, ((1, 1), (1, 1), (0, 0)), constant_values=1) for t in tiles], 1))
-    grid = (np.clip(np.concatenate(rows, 0), 0, 1) * 255).astype(np.uint8)
-    body = Image.fromarray(grid)
-    body = body.resize((body.width * scale, body.height * scale), Image.NEAREST)
-    titles = ["image", *([] if masks is None else [mask_title]), *maps]
-    header = 16
-    image = Image.new("RGB", (body.width, body.height + header), "white")
-    image.paste(body, (0, header))
-    draw = ImageDraw.Draw(image)
-    tile = body.width / len(titles)
-    for k, title in enumerate(titles):
-        draw.text((k * tile + 4, 2), title, fill="black")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
     return path

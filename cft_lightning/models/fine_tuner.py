@@ -15,6 +15,7 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -29,10 +30,12 @@ from cft_lightning.evaluation.report import print_table, write_results
 from cft_lightning.models.backbone import BackboneSpec, build_backbone, freeze, resolve_data_config
 from cft_lightning.regularizers.base import Regularizer, RegularizerOutput
 from cft_lightning.relevance.base import RelevanceMethod
+from cft_lightning.tracking import log_results
 
 __all__ = ["GuidedFineTuner", "NonFiniteLossError"]
 
 _STAGES = ("train", "val")  # test metrics live in the Evaluator
+OVERLAY_IMAGES = 6  # test images drawn in overlays.png
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -135,6 +138,7 @@ class GuidedFineTuner(L.LightningModule):
         )
         self._warned_inference = False
         self._warned_val_masks = False
+        self._overlay_images: Tensor | None = None
 
     # ------------------------------------------------------------------ reference model
     @property
@@ -316,6 +320,8 @@ class GuidedFineTuner(L.LightningModule):
         return model(batch["image"]), None
 
     def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        if batch_idx == 0 and dataloader_idx == 0:  # a few images of the first split for `overlays.png`
+            self._overlay_images = batch["image"][:OVERLAY_IMAGES].detach().cpu()
         logits, maps = self._explain_or_forward(self.backbone, batch)
         ref_logits = None
         if self._reference is not None:
@@ -347,7 +353,30 @@ class GuidedFineTuner(L.LightningModule):
         }
         payload = {"run": run, "splits": results}
         self.results_paths = write_results(payload, directory)
+        pictures = self._test_pictures(payload, directory)
+        self.results_paths.update(pictures)
         print_table(payload, title=f"cft test: {self.backbone_spec.name} (values x100)")
+        log_results(self.trainer, payload, pictures)
+
+    def _test_pictures(self, payload: dict[str, Any], directory: str) -> dict[str, str]:
+        """`results.png` (accuracy bars with deltas) and, when relevance can run, `overlays.png` (Original vs
+        fine-tuned maps of the first test images)."""
+        from cft_lightning.evaluation.plots import denormalize, overlay_grid, results_chart
+
+        pictures: dict[str, str] = {}
+        chart = results_chart(payload, Path(directory) / "results.png", metrics=("acc1", "worst_group_acc"))
+        if chart is not None:
+            pictures["results_png"] = str(chart)
+        images = self._overlay_images
+        if images is not None and self.relevance is not None and not torch.is_inference_mode_enabled():
+            models = {"original": self._reference, "fine_tuned": self.backbone}
+            maps = {name: self.relevance(m, images.to(self.device), None, differentiable=False).maps.cpu()
+                    for name, m in models.items() if m is not None}
+            config = resolve_data_config(self.backbone)
+            path = overlay_grid(denormalize(images, config["mean"], config["std"]), None, maps,
+                                Path(directory) / "overlays.png")
+            pictures["overlays_png"] = str(path)
+        return pictures
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         logits = self.backbone(batch["image"])

@@ -1,0 +1,314 @@
+"""`cft sweep FILE`: run a W&B sweep file's grid here, one process per run, and table the ablation.
+
+The file is in W&B's own sweep format, so online it runs unchanged with `wandb sweep FILE` + `wandb agent ID`:
+
+    program: cft
+    method: grid
+    metric: {name: test/acc1, goal: maximize}
+    parameters:
+      model.lr: {values: [5.0e-7, 1.0e-6]}
+    command: [${env}, ${program}, fit, --config, configs/vit_b_cft.yaml, --test_after_fit=true, ${args}]
+
+Offline, `cft sweep` expands the grid (`values` lists and fixed `value`s; `random` and `bayes` need W&B's
+server), renders `command` the way the agent does (`${args}` = `--key=value` per parameter, `${program}` =
+this Python's `cft`, `${env}` / `${interpreter}` as the agent's), and runs each combination as its own
+process with `--trainer.default_root_dir=<out>/<run>`: so DDP relaunches stay correct and runs never share a
+folder. W&B runs are grouped by sweep (`WANDB_RUN_GROUP`, `WANDB_NAME`, `WANDB_TAGS`, `WANDB_JOB_TYPE`);
+without a W&B key they are offline (`wandb sync` uploads them).
+
+Resumable: a run whose `run_summary.json` (written by `cft fit`/`cft test`) says every stage finished is
+skipped; an unfinished run restarts from its `last*.ckpt` when there is one (`--ckpt_path`), from scratch
+otherwise. At the end the ablation table (the varying parameters, the sweep's metric and the other final
+metrics) goes to the terminal, `<out>/ablation.{md,csv,json,png}`, and, when the runs logged to W&B, to a W&B
+summary run of the group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cft_lightning.data.errors import DataError
+from cft_lightning.data.mask_store import atomic_write
+from cft_lightning.tracking import SUMMARY, ensure_wandb_mode
+
+__all__ = ["SweepRun", "expand_grid", "load_sweep", "main", "render_command", "run_sweep"]
+
+SweepRun = dict[str, Any]
+
+
+def load_sweep(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The sweep file, checked: a grid over `values` lists and fixed `value`s, with a command."""
+    try:
+        spec = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise DataError(f"sweep file {path}: {exc}") from exc
+    if not isinstance(spec, dict) or not isinstance(spec.get("parameters"), dict) or not spec["parameters"]:
+        raise DataError(f"sweep file {path}: needs a 'parameters' mapping")
+    if spec.get("method", "grid") != "grid":
+        raise DataError(f"sweep file {path}: method {spec.get('method')!r} needs W&B's server (wandb sweep + wandb "
+                        "agent); `cft sweep` runs grids")
+    for name, param in spec["parameters"].items():
+        if not isinstance(param, dict) or not ("values" in param or "value" in param):
+            raise DataError(f"sweep file {path}: parameter {name!r} needs 'values' (a list) or 'value'; "
+                            "distributions need W&B's server")
+        if "values" in param and (not isinstance(param["values"], list) or not param["values"]):
+            raise DataError(f"sweep file {path}: parameter {name!r}: 'values' must be a non-empty list")
+    command = spec.get("command", ["${env}", "${interpreter}", "${program}", "${args}"])
+    if not isinstance(command, list) or not any("${args" in str(c) for c in command):
+        raise DataError(f"sweep file {path}: 'command' must be a list containing ${{args}}")
+    return {**spec, "command": command}
+
+
+def expand_grid(parameters: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every combination, in the file's order (the last parameter varies fastest)."""
+    names = list(parameters)
+    choices = [p["values"] if "values" in p else [p["value"]] for p in parameters.values()]
+    return [dict(zip(names, combo)) for combo in itertools.product(*choices)]
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, (dict, list)):
+        return json.dumps(value)
+    return str(value)
+
+
+def render_command(command: list[str], program: str, params: dict[str, Any]) -> list[str]:
+    """The agent's macros: ${args} (--k=v), ${args_no_equals} (--k v), ${program}, ${interpreter}, ${env}."""
+    out: list[str] = []
+    for token in command:
+        token = str(token)
+        if token == "${env}":
+            continue  # the environment is passed to the process, not on its command line
+        if token == "${interpreter}":
+            out.append(sys.executable)
+        elif token == "${program}":
+            out += [sys.executable, "-m", "cft_lightning"] if program == "cft" else [program]
+        elif token == "${args}":
+            out += [f"--{k}={_value(v)}" for k, v in params.items()]
+        elif token == "${args_no_equals}":
+            out += [part for k, v in params.items() for part in (f"--{k}", _value(v))]
+        elif "${" in token:
+            raise DataError(f"sweep command macro {token!r} is not supported offline (use ${{args}})")
+        else:
+            out.append(token)
+    return out
+
+
+def _short(value: Any) -> str:
+    """A readable value for a run name: class paths and file paths by their last part."""
+    text = _value(value)
+    if isinstance(value, str) and re.fullmatch(r"[A-Za-z_][\w.]*\.[A-Za-z_]\w*", text):
+        return text.rsplit(".", 1)[-1]  # a class path
+    if isinstance(value, str) and ("/" in text or text.endswith((".yaml", ".yml", ".json"))):
+        return Path(text).stem
+    return text
+
+
+def run_name(index: int, params: dict[str, Any], varying: list[str]) -> str:
+    """`007-lr=1e-06-relevance=GradCAM`: the index and the varying values, file-name safe."""
+    parts = [f"{key.split('.')[-1]}={_short(params[key])}" for key in varying]
+    slug = re.sub(r"[^A-Za-z0-9=._+-]+", "_", "-".join(parts))[:80]
+    return f"{index:03d}-{slug}" if slug else f"{index:03d}"
+
+
+def _stages(command: list[str]) -> list[str]:
+    """The stages a run's command must finish: fit (and test with --test_after_fit true), or test."""
+    line = " ".join(command)
+    if "fit" in command:
+        after = re.search(r"--test_after_fit[= ](true|1|yes)\b", line, re.IGNORECASE)
+        return ["fit", "test"] if after else ["fit"]
+    return ["test"] if "test" in command else ["fit"]
+
+
+def _finished(run_dir: Path, command: list[str]) -> bool:
+    try:
+        summary = json.loads((run_dir / SUMMARY).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return all(summary.get(s, {}).get("status") == "finished" for s in _stages(command))
+
+
+def _last_checkpoint(run_dir: Path) -> str | None:
+    found = sorted(run_dir.rglob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
+    return str(found[-1]) if found else None
+
+
+def run_sweep(path: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, dry_run: bool = False,
+              max_runs: int | None = None, extra: list[str] | None = None) -> dict[str, Any]:
+    """Run (or, with `dry_run`, list) every grid point; returns the sweep record written to `<out>/sweep.json`."""
+    spec = load_sweep(path)
+    name = spec.get("name") or Path(path).stem
+    out_dir = Path(out) if out is not None else Path("runs") / "sweeps" / name
+    grid = expand_grid(spec["parameters"])
+    varying = [k for k, p in spec["parameters"].items() if len(p.get("values", [None])) > 1]
+    runs: list[SweepRun] = []
+    mode = ensure_wandb_mode()
+    for i, params in enumerate(grid[:max_runs] if max_runs else grid):
+        run = run_name(i, params, varying)
+        run_dir = out_dir / run
+        command = render_command(spec["command"], str(spec.get("program", "cft")), params) + list(extra or [])
+        command.append(f"--trainer.default_root_dir={run_dir}")
+        record: SweepRun = {"run": run, "params": params, "dir": str(run_dir), "command": command}
+        runs.append(record)
+        if dry_run:
+            print(" ".join(command))
+            continue
+        if _finished(run_dir, command):
+            record["status"] = "skipped (finished before)"
+            print(f"cft sweep: {run}: finished before, skipped", flush=True)
+            continue
+        resume = _last_checkpoint(run_dir) if "fit" in command else None
+        if resume:
+            command.append(f"--ckpt_path={resume}")
+        env = {**os.environ, "WANDB_RUN_GROUP": name, "WANDB_NAME": run, "WANDB_JOB_TYPE": "sweep",
+               "WANDB_TAGS": name}
+        if mode:
+            env["WANDB_MODE"] = mode
+        run_dir.mkdir(parents=True, exist_ok=True)
+        print(f"cft sweep: {run} ({i + 1}/{len(grid)}){' resuming ' + resume if resume else ''}", flush=True)
+        with open(run_dir / "sweep_run.log", "a", encoding="utf-8") as log:
+            code = subprocess.call(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        record["status"] = "finished" if code == 0 else f"failed (exit {code}; see {run_dir / 'sweep_run.log'})"
+        if code != 0:
+            print(f"cft sweep: {run} failed with exit code {code}; log: {run_dir / 'sweep_run.log'}", flush=True)
+    if dry_run:
+        return {"name": name, "runs": runs}
+    table = ablation_table(runs, varying, spec.get("metric", {}).get("name"))
+    record_all = {"name": name, "file": str(path), "metric": spec.get("metric"), "varying": varying, "runs": runs,
+                  "table": table}
+    write_ablation(out_dir, record_all)
+    return record_all
+
+
+def _metrics(run_dir: Path) -> dict[str, float]:
+    try:
+        summary = json.loads((run_dir / SUMMARY).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    merged: dict[str, float] = {}
+    for stage in ("fit", "test"):
+        for key, value in summary.get(stage, {}).get("metrics", {}).items():
+            if isinstance(value, float):
+                merged[key] = value
+    return merged
+
+
+def ablation_table(runs: list[SweepRun], varying: list[str], metric: str | None) -> list[dict[str, Any]]:
+    """One row per run: its varying parameters, the sweep metric first, then val/test metrics."""
+    rows = []
+    for record in runs:
+        metrics = _metrics(Path(record["dir"]))
+        keep = {k: v for k, v in metrics.items() if k.startswith(("val/", "test/")) and not k.endswith("_step")}
+        row: dict[str, Any] = {"run": record["run"], **{k: record["params"][k] for k in varying}}
+        if metric:
+            row[metric] = metrics.get(metric)
+        row.update({k: v for k, v in sorted(keep.items()) if k != metric})
+        row["status"] = record.get("status", "")
+        rows.append(row)
+    return rows
+
+
+def _columns(rows: list[dict[str, Any]]) -> list[str]:
+    return list(dict.fromkeys(k for row in rows for k in row))
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "-" if value is None else str(value)
+
+
+def write_ablation(out_dir: Path, record: dict[str, Any]) -> None:
+    """`sweep.json`, `ablation.md`, `ablation.csv` and `ablation.png`; prints the table; logs it to W&B when the
+    runs used a WandbLogger."""
+    rows = record["table"]
+    columns = _columns(rows)
+    shown = [c for c in columns if c in ("run", "status") or c in record["varying"]
+             or c == (record.get("metric") or {}).get("name") or c.startswith("test/") or c in ("val/acc1", "val/loss")]
+    md = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+    md += ["| " + " | ".join(_cell(row.get(c)) for c in shown) + " |" for row in rows]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, text in (("sweep.json", json.dumps(record, indent=2, default=str) + "\n"),
+                       ("ablation.md", "\n".join(md) + "\n"), ("ablation.csv", buffer.getvalue())):
+        atomic_write(out_dir / name, lambda fh, text=text: fh.write(text.encode("utf-8")))
+    png = ablation_figure(rows, shown, out_dir / "ablation.png", record["name"])
+    print(f"\ncft sweep {record['name']}: {len(rows)} run(s)\n" + "\n".join(md))
+    print(f"files: {out_dir / 'ablation.md'}, {out_dir / 'ablation.csv'}, {png}")
+    _log_to_wandb(record, out_dir, png)
+
+
+def ablation_figure(rows: list[dict[str, Any]], columns: list[str], path: Path, title: str) -> Path:
+    """The ablation table as a figure (the paper's tables, for slides and W&B)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = [[_cell(row.get(c)) for c in columns] for row in rows] or [["-"] * len(columns)]
+    fig, ax = plt.subplots(figsize=(min(2.0 + 1.6 * len(columns), 24), 0.9 + 0.35 * len(cells)))
+    ax.axis("off")
+    table = ax.table(cellText=cells, colLabels=columns, loc="center", cellLoc="center")
+    table.auto_set_font_size(False)
+    table.set_fontsize(8)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _log_to_wandb(record: dict[str, Any], out_dir: Path, png: Path) -> None:
+    used = set()
+    for run in record["runs"]:
+        try:
+            summary = json.loads((Path(run["dir"]) / SUMMARY).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        used.update(lg for stage in summary.values() for lg in stage.get("loggers", []))
+    if "WandbLogger" not in used or os.environ.get("WANDB_MODE") == "disabled":
+        return
+    import wandb
+
+    rows = record["table"]
+    columns = _columns(rows)
+    run = wandb.init(group=record["name"], job_type="sweep-summary", name=f"{record['name']}-ablation",
+                     dir=str(out_dir), reinit="finish_previous")
+    run.log({"ablation": wandb.Table(columns=columns, data=[[_cell(r.get(c)) for c in columns] for r in rows]),
+             "ablation_figure": wandb.Image(str(png))})
+    run.finish()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of `cft sweep`."""
+    p = argparse.ArgumentParser(prog="cft sweep", description="Run a W&B sweep file's grid locally, one process "
+                                "per run, and print the ablation table.")
+    p.add_argument("file", help="sweep YAML (W&B format), e.g. configs/sweeps/table7_relevance.yaml")
+    p.add_argument("--out", default=None, help="output folder (default: runs/sweeps/<sweep name>)")
+    p.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
+    p.add_argument("--max_runs", type=int, default=None, help="only the first N grid points")
+    args, extra = p.parse_known_args(argv)
+    if extra and extra[0] == "--":
+        extra = extra[1:]
+    bad = [a for a in extra if not a.startswith("--")]
+    if bad:
+        raise DataError(f"cft sweep: unexpected argument(s) {bad}; pass extra run options as --key=value")
+    record = run_sweep(args.file, args.out, args.dry_run, args.max_runs, extra)
+    failed = [r["run"] for r in record["runs"] if str(r.get("status", "")).startswith("failed")]
+    if failed:
+        raise SystemExit(f"cft sweep: {len(failed)} run(s) failed: {', '.join(failed)}")
