@@ -13,6 +13,7 @@ run uses, with secrets redacted. Configuration and data errors end in one `cft: 
 from __future__ import annotations
 
 import glob
+import importlib
 import os
 import re
 import sys
@@ -168,6 +169,15 @@ class CFTCLI(LightningCLI):
             self.trainer.callbacks.append(PredictionWriter(class_names=self.datamodule.class_names))
 
 
+# `cft <tool>`: the stages and utilities with their own parsers (module with a `main(argv)`)
+TOOLS = {
+    "demo": "cft_lightning.demo",
+    "explain": "cft_lightning.explain",
+    "concepts": "cft_lightning.concepts.discovery",
+    "masks": "cft_lightning.masks.cli",
+    "critique": "cft_lightning.critique.cli",
+    "sweep": "cft_lightning.sweep",
+}
 _USER_ERRORS = (DataError, BackboneError, UnsupportedModelError, ValueError, KeyError, FileNotFoundError)
 
 
@@ -176,17 +186,8 @@ def main(args: list[str] | None = None) -> None:
     # Lightning 2.6 calls a pytree API that torch >= 2.10 deprecates: noise for every user, nothing to act on.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     argv = sys.argv[1:] if args is None else list(args)
-    if argv[:1] in (["demo"], ["explain"], ["masks"], ["concepts"], ["critique"]):  # own parsers, not Trainer's
-        if argv[0] == "demo":
-            from cft_lightning.demo import main as command
-        elif argv[0] == "explain":
-            from cft_lightning.explain import main as command
-        elif argv[0] == "concepts":
-            from cft_lightning.concepts.discovery import main as command
-        elif argv[0] == "critique":
-            from cft_lightning.critique.cli import main as command
-        else:
-            from cft_lightning.masks.cli import main as command
+    if argv[:1] and argv[0] in TOOLS:  # not Trainer subcommands: their own parsers
+        command = importlib.import_module(TOOLS[argv[0]]).main
         try:
             command(argv[1:])
         except (DataError, BackboneError, UnsupportedModelError, ValueError, ImportError) as err:

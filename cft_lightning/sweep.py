@@ -7,7 +7,14 @@ The file is in W&B's own sweep format, so online it runs unchanged with `wandb s
     metric: {name: test/acc1, goal: maximize}
     parameters:
       model.lr: {values: [5.0e-7, 1.0e-6]}
-    command: [${env}, ${program}, fit, --config, configs/vit_b_cft.yaml, --test_after_fit=true, ${args}]
+    command:                    # a block list: in a flow list [...] YAML reads ${...} as a mapping
+      - ${env}
+      - ${program}
+      - fit
+      - --config
+      - configs/vit_b_cft.yaml
+      - --test_after_fit=true
+      - ${args}
 
 Offline, `cft sweep` expands the grid (`values` lists and fixed `value`s; `random` and `bayes` need W&B's
 server), renders `command` the way the agent does (`${args}` = `--key=value` per parameter, `${program}` =

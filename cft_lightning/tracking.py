@@ -71,7 +71,8 @@ def log_images(trainer: Any, key: str, images: Sequence[np.ndarray], captions: S
         return
     for logger in _loggers(trainer):
         if _is_wandb(logger):
-            logger.log_image(key=key, images=list(images), caption=list(captions) if captions else None, step=step)
+            extra = {"caption": list(captions)} if captions else {}
+            logger.log_image(key=key, images=list(images), step=step, **extra)
         elif type(logger).__name__ == "TensorBoardLogger":
             for i, image in enumerate(images):
                 logger.experiment.add_image(f"{key}/{i}", image, global_step=step or 0, dataformats="HWC")

@@ -104,10 +104,12 @@ class GuidedFineTuner(L.LightningModule):
             raise ValueError(f"model.regularizer {type(regularizer).__name__} needs model.relevance to be set")
         if getattr(regularizer, "consistency_target", None) == "reference" and not track_reference:
             raise ValueError("model.regularizer consistency_target 'reference' needs model.track_reference: true")
+        # Checkpoints keep the hyperparameters; loggers do not get them (logger=False): the run's full config
+        # (config.yaml beside the logs, the W&B run config) is the one record, not a second partial copy.
         if _given_hyperparameters.get() is not None:
-            self.save_hyperparameters()  # under the CLI: the plain config dict (checkpoint-loadable)
+            self.save_hyperparameters(logger=False)  # under the CLI: the plain config dict (checkpoint-loadable)
         else:
-            self.save_hyperparameters(ignore=["backbone", "regularizer", "relevance"])
+            self.save_hyperparameters(ignore=["backbone", "regularizer", "relevance"], logger=False)
             self.hparams.update(backbone=asdict(backbone), regularizer=_plugin_config(regularizer),
                                 relevance=None if relevance is None else _plugin_config(relevance))
         self.backbone_spec = backbone
