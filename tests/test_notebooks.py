@@ -25,6 +25,13 @@ def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
         main(["demo", "--out", "runs/demo", "--data_dir", "data", "--methods", "plain", "cft", "--overlays", "2",
               "--num_classes", "3", "--image_size", "32", "--train_per_class", "12", "--test_per_class", "6",
               "--pretrain_epochs", "1", "--finetune_epochs", "1", "--images_per_class", "2", "--no_progress"])
+    if path.stem == "sweep_analysis":  # reads a sweep: run the 2-run smoke sweep where the notebook looks
+        from cft_lightning.cli import main
+        from cft_lightning.smoke_data import generate
+
+        generate("runs/smoke_data", classes=4, per_class=6, size=64, seed=0)
+        main(["sweep", "configs/sweeps/smoke_lr.yaml", "--trainer.enable_progress_bar=false",
+              "--trainer.logger.init_args.save_dir=runs/smoke_logs"])
     cells = json.loads(path.read_text())["cells"]
     namespace: dict = {"__name__": "__main__"}
     for i, cell in enumerate(c for c in cells if c["cell_type"] == "code"):
@@ -33,7 +40,10 @@ def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     if path.stem == "quickstart":
         assert os.path.isdir(tmp_path / "runs" / "notebook")
         results = namespace["results"]
-        assert {"test/acc1", "test/ref_acc1"} <= set(results)
+        assert {"test/test_ood/acc1", "test/test_ood/ref_acc1"} <= set(results)
         assert namespace["tuned"].shape == namespace["original"].shape
+        assert namespace["before"].maps.shape[0] == 1
+    if path.stem == "sweep_analysis":
+        assert len(namespace["rows"]) == 2 and set(namespace["deltas"]) == {"test"}
     if path.stem == "demo_results":
         assert namespace["rows"] and namespace["worst"], "the notebook found runs and groups to show"

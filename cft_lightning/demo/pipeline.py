@@ -73,6 +73,8 @@ METHODS: dict[str, Any] = {
     "lvlm_va": lambda: (LVLMCritic(alignment_ratio=0.5), None),
     # the same with LVLM-VA's DecoyMNIST lambda (1e5; lambda = 1 above is its value on real data)
     "lvlm_va_1e5": lambda: (LVLMCritic(grad_weight=1e5, alignment_ratio=0.5), None),
+    # LVLM-VA's upper bound on a decoy benchmark: RRR on the ground-truth decoy masks of every few-shot image
+    "rrr_decoy_gt": lambda: (RRR(grad_weight=1.0, cls_weight=1.0, mask_kind="decoy", mask_role="irrelevant"), None),
 }
 # `cft demo --methods all`: the controls, CFT and every baseline (the variants cft_gt / cft_rollout are probes)
 ALL_METHODS = ["plain", "object", "cft", "rrr", "gradmask", "rrda", "robust_vit", "lvlm_va"]
@@ -254,9 +256,10 @@ def finetune_and_test(settings: DemoSettings, data: Path, seed: int, method: str
     model = GuidedFineTuner(settings.backbone(str(weights)), regularizer, relevance, lr=settings.finetune_lr,
                             lr_step_size=0)
     classes = sorted(p.name for p in (data / "images" / "train").iterdir() if p.is_dir())
+    extra_kinds = [k for k in regularizer.required_masks if k != CRITIC_KIND]  # e.g. decoy (critic: made below)
     kwargs: dict[str, Any] = dict(
         root=str(fewshot_root(settings, data, out.parent)), classes=classes, masks=str(mask_store(settings, data)),
-        mask_kinds=["concept", "object"],
+        mask_kinds=list(dict.fromkeys(["concept", "object", *extra_kinds])),
         class_fraction=settings.class_fraction, images_per_class=settings.images_per_class, seed=seed,
         val_root=str(data / "images" / "val"), metadata=str(data / "metadata.csv"),
         test_root={"test_id": str(data / "images" / "test_id"), "test_ood": str(data / "images" / "test_ood")},
