@@ -319,13 +319,18 @@ def read_json(trainer: L.Trainer) -> dict[str, Any]:
     return json.loads(Path(trainer.log_dir, "results.json").read_text(encoding="utf-8"))
 
 
-def test_test_run_writes_the_three_files_into_the_log_dir(tested: dict[str, Any]) -> None:
+def test_test_run_writes_its_files_into_the_log_dir(tested: dict[str, Any]) -> None:
     trainer, model = tested["trainer"], tested["model"]
     log_dir = Path(trainer.log_dir)
     assert log_dir.is_dir() and log_dir != Path(trainer.default_root_dir)  # the logger's version folder
     assert {ext: Path(p) for ext, p in model.results_paths.items()} == {
-        ext: log_dir / f"results.{ext}" for ext in ("json", "csv", "md")
+        **{ext: log_dir / f"results.{ext}" for ext in ("json", "csv", "md")},
+        "results_png": log_dir / "results.png", "overlays_png": log_dir / "overlays.png",
     }
+    from PIL import Image
+
+    with Image.open(log_dir / "overlays.png") as im:  # a header and one row per image: original | fine-tuned
+        assert im.width > 100 and im.height > im.width / 4
     data = read_json(trainer)
     assert data["schema"] == SCHEMA
     assert data["run"]["backbone"] == "vit_tiny_patch16_224"
