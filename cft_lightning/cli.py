@@ -138,6 +138,14 @@ class CFTCLI(LightningCLI):
         chosen = self.config[sub].get("benchmarks") if sub else None
         if chosen is not None:
             self.config[sub].data.benchmark_names = chosen
+        if sub == "fit" and self.config[sub].get("ckpt_path") == "last":
+            # Lightning looks for last.ckpt only in this run's (new) checkpoint folder and would silently start
+            # over; resume from the newest one under default_root_dir instead, or start fresh if there is none.
+            root = self.config[sub].trainer.get("default_root_dir") or os.getcwd()
+            found = _newest_last_checkpoint(root)
+            print(f"cft: resuming from {found}" if found else f"cft: no last*.ckpt under {root!r}: starting fresh",
+                  file=sys.stderr)
+            self.config[sub].ckpt_path = found
         if sub in ("validate", "test", "predict") and self.config[sub].get("ckpt_path") == "last":
             root = self.config[sub].trainer.get("default_root_dir") or os.getcwd()
             found = _newest_last_checkpoint(root)

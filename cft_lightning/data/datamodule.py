@@ -39,6 +39,7 @@ from cft_lightning.data.image_folder import (
     select_few_shot,
 )
 from cft_lightning.data.mask_store import MaskStore
+from cft_lightning.data.resumable import EpochSeededLoader, FitEpoch
 from cft_lightning.data.transforms import JointTransform, build_transforms
 
 SELECTION_FILE = "fine_tuning_classes.json"
@@ -356,6 +357,7 @@ class GuidanceDataModule(BenchmarkTestSplits, L.LightningDataModule):
 
     # ---------------------------------------------------------------- loaders
     def _loader(self, dataset: GuidanceDataset | None, name: str, shuffle: bool, batch_size: int) -> DataLoader:
+        """Loader of a split; training's reseeds each epoch (`resumable.EpochSeededLoader`)."""
         if dataset is None:
             raise DataError(f"no {name} dataset: set data.{name}_root (or call setup for this stage first)")
         sampler = None
@@ -366,7 +368,8 @@ class GuidanceDataModule(BenchmarkTestSplits, L.LightningDataModule):
             # in length by one, which the test loop and torchmetrics' sum-reduced states handle).
             sampler = UnrepeatedDistributedSampler(dataset, num_replicas=trainer.world_size,
                                                    rank=trainer.global_rank, shuffle=False)
-        return DataLoader(
+        extra: dict[str, Any] = {"epoch": FitEpoch(self)} if name == "train" else {}
+        return (EpochSeededLoader if name == "train" else DataLoader)(
             dataset,
             batch_size=batch_size,
             shuffle=shuffle and sampler is None,
@@ -375,6 +378,7 @@ class GuidanceDataModule(BenchmarkTestSplits, L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
+            **extra,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -385,9 +389,9 @@ class GuidanceDataModule(BenchmarkTestSplits, L.LightningDataModule):
             len(self.train_dataset), self.train_dataset.indices_with(self.alignment_kind), self.batch_size,
             self.alignment_ratio, seed=self.seed, num_replicas=trainer.world_size if trainer is not None else 1,
         )
-        return DataLoader(self.train_dataset, batch_size=self.batch_size, sampler=sampler, drop_last=True,
-                          num_workers=self.num_workers, pin_memory=self.pin_memory,
-                          persistent_workers=self.num_workers > 0)
+        return EpochSeededLoader(self.train_dataset, batch_size=self.batch_size, sampler=sampler, drop_last=True,
+                                 num_workers=self.num_workers, pin_memory=self.pin_memory,
+                                 persistent_workers=self.num_workers > 0, epoch=FitEpoch(self))
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation loader; an empty list (Lightning then skips validation) when no image is left for it."""

@@ -1,0 +1,63 @@
+"""Faults: `cft fit` killed with SIGKILL at three points, then rerun with `--ckpt_path last`, ends with weights
+identical to an uninterrupted run (CPU, seed_everything, epochs reseeded by EpochSeed)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cft_lightning.smoke_data import generate
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return generate(tmp_path_factory.mktemp("faults") / "data", classes=3, per_class=3, size=32, seed=1)
+
+
+def fit(data: Path, root: Path, *extra: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "cft_lightning", "fit", "--config", str(ROOT / "configs" / "smoke.yaml"),
+               f"--data.root={data / 'images' / 'train'}", f"--data.masks={data / 'masks'}",
+               f"--data.val_root={data / 'images' / 'val'}", f"--data.test_root={data / 'images' / 'test'}",
+               "--model.backbone.num_classes=3",
+               '--model.backbone.model_kwargs={"img_size": 32, "patch_size": 8, "depth": 2}',
+               f"--trainer.default_root_dir={root}", f"--trainer.logger.init_args.save_dir={root}",
+               "--trainer.max_epochs=3", "--trainer.enable_progress_bar=false", *extra]
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore",
+           "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run(command, cwd=root.parent, env=env, capture_output=True, text=True, timeout=600)
+
+
+def final(root: Path) -> dict:
+    newest = max(root.rglob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
+    return torch.load(newest, map_location="cpu", weights_only=True)
+
+
+def test_killed_fit_resumes_to_identical_weights(smoke: Path, tmp_path: Path):
+    reference_root = tmp_path / "uninterrupted"
+    reference_root.mkdir()
+    proc = fit(smoke, reference_root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    reference = final(reference_root)
+    total = reference["global_step"]
+    assert total >= 6, total
+    for step in (2, total // 2 + 1, total - 1):  # in the first epoch (no checkpoint yet), mid-run, near the end
+        root = tmp_path / f"killed_at_{step}"
+        root.mkdir()
+        killed = fit(smoke, root, "--trainer.callbacks+=_faults.KillAtStep", f"--trainer.callbacks.step={step}")
+        assert killed.returncode == -9, killed.stderr[-2000:]
+        resumed = fit(smoke, root, "--ckpt_path=last")
+        assert resumed.returncode == 0, resumed.stderr[-2000:]
+        assert ("resuming from" in resumed.stderr) == (step > total // 3), resumed.stderr[-500:]
+        state = final(root)
+        assert state["global_step"] == total
+        assert state["state_dict"].keys() == reference["state_dict"].keys()
+        for key, value in reference["state_dict"].items():
+            assert torch.equal(state["state_dict"][key], value), (step, key)
