@@ -15,6 +15,7 @@ from __future__ import annotations
 import glob
 import importlib
 import os
+import pickle
 import re
 import sys
 import warnings
@@ -28,7 +29,7 @@ from cft_lightning.callbacks import PredictionWriter
 from cft_lightning.data.datamodule import GuidanceDataModule
 from cft_lightning.data.errors import DataError
 from cft_lightning.models.backbone import BackboneError
-from cft_lightning.models.fine_tuner import GuidedFineTuner
+from cft_lightning.models.fine_tuner import GuidedFineTuner, NonFiniteLossError
 from cft_lightning.relevance._vit import UnsupportedModelError
 from cft_lightning.tracking import ensure_wandb_mode, log_config, write_run_summary
 
@@ -186,7 +187,10 @@ TOOLS = {
     "critique": "cft_lightning.critique.cli",
     "sweep": "cft_lightning.sweep",
 }
-_USER_ERRORS = (DataError, BackboneError, UnsupportedModelError, ValueError, KeyError, FileNotFoundError)
+# pickle.UnpicklingError: a checkpoint torch refuses to load weights-only (it would run pickled code)
+# NonFiniteLossError: training stopped on a NaN/inf loss or gradient (the message names the batch)
+_USER_ERRORS = (DataError, BackboneError, UnsupportedModelError, ValueError, KeyError, FileNotFoundError,
+                pickle.UnpicklingError, NonFiniteLossError)
 
 
 def main(args: list[str] | None = None) -> None:

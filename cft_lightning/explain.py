@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +80,11 @@ def load_models(args: argparse.Namespace) -> dict[str, nn.Module]:
 
         if not Path(args.ckpt).is_file():
             raise DataError(f"--ckpt: {args.ckpt} does not exist")
-        module = GuidedFineTuner.load_from_checkpoint(args.ckpt, map_location="cpu")
+        try:  # weights only: a checkpoint that would run pickled code is refused, not executed
+            module = GuidedFineTuner.load_from_checkpoint(args.ckpt, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise DataError(f"--ckpt: {args.ckpt} holds more than tensors and plain data (refused: loading it "
+                            f"would run pickled code): {str(exc).splitlines()[0]}") from exc
         if module.reference is None:
             return {"fine_tuned": module.backbone.eval()}
         return {"original": module.reference.eval(), "fine_tuned": module.backbone.eval()}

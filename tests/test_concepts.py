@@ -22,7 +22,7 @@ SECRET = "sk-test-secret-0123456789"
 
 class Stub:
     """Answers by object name: `cat` a list, `dog` prose once then a list, `fox` 429 once then a list,
-    `owl` always 500."""
+    `owl` always 500, `emu` an empty answer once then a list, `yak` a list cut at max_tokens."""
 
     def __init__(self) -> None:
         self.calls: Counter[str] = Counter()
@@ -39,9 +39,13 @@ class Stub:
             return 429, ""
         if name == "dog" and n == 1:
             return 200, "I am happy to help! Dogs are wonderful animals."
+        if name == "emu" and n == 1:
+            return 200, ""
+        if name == "yak":
+            return 200, "- shaggy coat\n- curved horns\n- hump"  # finish_reason "length": "hump" may be cut
         items = {"tabby cat": ["- Pointed ears", "- ears pointed", "- whiskers", "- tabby cat",
                                "- a very long description of the fur pattern"],
-                 "dog": ["1. wagging tail", "2. snout"], "fox": ["* bushy tail"]}[name]
+                 "dog": ["1. wagging tail", "2. snout"], "fox": ["* bushy tail"], "emu": ["- long neck"]}[name]
         return 200, "\n".join(items)
 
 
@@ -64,7 +68,7 @@ def serve(stub: Stub):
                 self.wfile.write(json.dumps({"error": {"message": "busy", "type": "server"}}).encode())
                 return
             payload = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                       "choices": [{"index": 0, "finish_reason": "stop",
+                       "choices": [{"index": 0, "finish_reason": "length" if name == "yak" else "stop",
                                     "message": {"role": "assistant", "content": text}}],
                        "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}
             data = json.dumps(payload).encode()
@@ -129,6 +133,17 @@ def test_discover_with_the_stub(stub, tmp_path: Path, monkeypatch: pytest.Monkey
     assert again["concepts"] == bank
     for path in (tmp_path / "cache").iterdir():
         assert SECRET not in path.read_text()
+
+
+def test_empty_and_cut_answers(stub, tmp_path: Path):
+    """An empty answer is asked again and never cached; an answer cut at max_tokens loses its last item."""
+    server, url = stub
+    chat = CachedChat("gpt-test", tmp_path / "cache", base_url=url, max_retries=0)
+    doc = discover({"n5": "emu", "n6": "yak"}, chat, None, samples=1, progress=False)
+    assert doc["concepts"]["n5"] == ["long neck"] and server.calls["emu"] == 4  # 3 prompts, the first twice
+    assert doc["concepts"]["n6"] == ["shaggy coat", "curved horns"]
+    cached = [json.loads(p.read_text())["answer"] for p in (tmp_path / "cache").iterdir()]
+    assert "" not in cached and len(cached) == 6
 
 
 def test_cli_writes_the_bank_without_the_key(stub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

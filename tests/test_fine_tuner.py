@@ -327,8 +327,8 @@ def test_one_backbone_forward_per_training_step(make: Callable[[], tuple], track
             loss = model.training_step(synthetic_batch(seed=step), step)
         loss.backward()
         assert backbone.counts() == (step + 1, step + 1)
-        if reference is not None:
-            assert reference.counts() == (step + 1, step + 1)
+        if reference is not None:  # not run at all: no consistency target on it, no reference_train_metrics
+            assert reference.counts() == (0, 0)
     if isinstance(regularizer, PlainFineTuning):
         calls = []
         model.backbone.register_forward_hook(lambda *_: calls.append(1))
@@ -344,7 +344,7 @@ TRAIN_TERMS = ("loss", "concept", "non_concept", "align", "cls")
 
 
 def test_fit_logs_all_terms_and_accuracies(smoke_data: Path, tmp_path: Path):
-    model = cft_model(lr=1e-4)
+    model = cft_model(lr=1e-4, reference_train_metrics=True)  # the reference's training accuracy is opt-in
     dm = datamodule(smoke_data)
     tr = trainer(tmp_path)
     tr.fit(model, datamodule=dm)
@@ -384,6 +384,21 @@ def test_fit_logs_all_terms_and_accuracies(smoke_data: Path, tmp_path: Path):
     assert float(metrics["val/acc1"]) == pytest.approx(accuracy(model.backbone, val_loader))
     assert float(metrics["val/ref_acc1"]) == pytest.approx(accuracy(model.reference, val_loader))
     assert float(metrics["val/acc5"]) == 1.0 and float(metrics["train/acc5"]) == 1.0
+
+
+def test_the_reference_runs_in_training_only_when_needed():
+    """By default a training step does not run the frozen reference (one forward saved); it does for the
+    consistency target `reference` and for `reference_train_metrics`."""
+    batch = synthetic_batch()
+    for kwargs, regularizer, runs in (({}, CFT(), False), ({"reference_train_metrics": True}, CFT(), True),
+                                      ({}, CFT(consistency_target="reference"), True)):
+        torch.manual_seed(0)
+        model = GuidedFineTuner(spec(), regularizer, AttnLRP(), lr=1e-3, **kwargs)
+        calls = []
+        model.reference.register_forward_hook(lambda *a, calls=calls: calls.append(1))
+        with no_trainer_log_warning():
+            model.training_step(batch, 0)
+        assert bool(calls) == runs, kwargs
 
 
 def test_validation_under_inference_mode_logs_accuracy_and_warns_once(smoke_data: Path, tmp_path: Path):
@@ -738,3 +753,34 @@ def test_reference_consistency_without_reference_is_rejected():
 def test_single_output_head_is_rejected_with_the_config_key():
     with pytest.raises(ValueError, match="model.backbone.num_classes"):
         plain_model(num_classes=1)
+
+
+class _PoisonEpochBatch(_PoisonBatch):
+    """`_PoisonBatch` in a given epoch only (inf instead of NaN)."""
+
+    def __init__(self, epoch: int, batch_idx: int) -> None:
+        super().__init__(batch_idx)
+        self.epoch = epoch
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int):
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch_idx:
+            batch["image"].fill_(float("inf"))
+            self.paths = list(batch["path"])
+
+
+def test_a_non_finite_loss_never_reaches_a_checkpoint(smoke_data: Path, tmp_path: Path):
+    """inf in epoch 1: the run stops naming the batch; the only checkpoints are epoch 0's, finite and untouched."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    model = cft_model()
+    checkpoints = tmp_path / "ckpt"
+    saver = ModelCheckpoint(dirpath=checkpoints, filename="last", enable_version_counter=False,
+                            save_on_train_epoch_end=True)
+    tr = trainer(tmp_path, callbacks=[_PoisonEpochBatch(1, 1), saver], num_sanity_val_steps=0, max_epochs=3,
+                 enable_checkpointing=True)
+    with pytest.raises(NonFiniteLossError, match="epoch 1, batch 1"):
+        tr.fit(model, datamodule=datamodule(smoke_data))
+    files = sorted(checkpoints.iterdir())
+    assert [f.name for f in files] == ["last.ckpt"]
+    state = torch.load(files[0], map_location="cpu", weights_only=True)
+    assert state["epoch"] == 0 and all(torch.isfinite(v).all() for v in state["state_dict"].values())

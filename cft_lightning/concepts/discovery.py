@@ -113,10 +113,14 @@ def load_concept_bank(path: str | Path) -> dict[str, list[str]]:
 def _ask(chat: CachedChat, prompt: str, sample: int, malformed_retries: int) -> list[str]:
     for attempt in range(malformed_retries + 1):
         try:
-            items = parse_list(chat([{"role": "user", "content": prompt}], sample=sample + 1000 * attempt))
+            answer = chat.complete([{"role": "user", "content": prompt}], sample=sample + 1000 * attempt)
         except ChatRefusal as exc:  # a refusal or an empty answer: asked again like a malformed one
             log.warning("%s (prompt %r, sample %d, attempt %d)", exc, prompt[-60:], sample, attempt + 1)
             continue
+        items = parse_list(answer.text)
+        if answer.finish_reason == "length" and items:  # cut at max_tokens: the last item may be cut too
+            log.warning("answer to %r cut at max_tokens: its last item %r is dropped", prompt[-60:], items[-1])
+            items = items[:-1]
         if items:
             return items
         log.warning("no list in the answer to %r (sample %d, attempt %d)", prompt[-60:], sample, attempt + 1)

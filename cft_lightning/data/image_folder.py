@@ -22,22 +22,15 @@ from typing import Any
 import numpy as np
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
-from PIL import Image
 
 from cft_lightning.data.errors import DataError
+from cft_lightning.data.image_io import IMAGE_EXTENSIONS, is_image_file, load_image
 from cft_lightning.data.mask_store import MaskStore, normalize_rel_path
 from cft_lightning.data.transforms import JointTransform
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 MISSING_MASK_POLICIES = ("error", "drop", "empty")
 
 
-def is_image_file(name: str) -> bool:
-    """Visible file with an image extension (case-insensitive)."""
-    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
-
-
-# ------------------------------------------------------------------------------------------------ class lists
 def imagenet_classes() -> list[str]:
     """The 1000 ImageNet-1k WNIDs in class-index order (label i = i-th line of the shipped synset list)."""
     return list(_imagenet_classes())
@@ -288,19 +281,6 @@ def build_samples(
             group = metadata.groups.get(rel, -1) if metadata is not None else -1
             samples.append(Sample(rel, label, group))
     return samples
-
-
-def load_image(path: str | os.PathLike[str]) -> Image.Image:
-    """Open an image fully and convert it to RGB (grayscale/palette/CMYK converted; an alpha channel is dropped
-    without compositing). Unreadable, truncated or empty files raise DataError naming the file."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            if img.mode == "P" and "transparency" in img.info:
-                img = img.convert("RGBA")
-            return img.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise DataError(f"image file {path} cannot be read: {exc}") from exc
 
 
 class GuidanceDataset(torch.utils.data.Dataset):

@@ -201,6 +201,18 @@ class MaskStore:
             manifest.update(loaded)
         return manifest
 
+    def check_concept_bank(self, bank: str | os.PathLike[str]) -> None:
+        """Raise DataError when the manifest names another concept bank (other contents) than `bank`: masks of
+        two banks must not be mixed in one store."""
+        recorded = self.read_manifest().get("concept_bank")
+        if not isinstance(recorded, dict) or not recorded.get("sha256"):
+            return
+        if recorded["sha256"] != file_sha256(bank):
+            raise DataError(
+                f"mask store {self.root} was made from the concept bank {recorded.get('path')} "
+                f"(sha256 {recorded['sha256'][:12]}...), not from {bank} (sha256 {file_sha256(bank)[:12]}...): "
+                "use a new store (--out) for another bank, so their masks are not mixed")
+
     def update_manifest(self, **fields: Any) -> dict[str, Any]:
         """Update manifest fields and write it atomically; return the new manifest.
 

@@ -52,9 +52,11 @@ def _generate(args: argparse.Namespace) -> None:
 
     from cft_lightning.concepts.discovery import load_concept_bank
     from cft_lightning.concepts.validate import OracleGrounder, images_by_class
+    from cft_lightning.data.mask_store import MaskStore
     from cft_lightning.masks.predict import MaskGeneration, generation_loader
 
     bank = load_concept_bank(args.concepts)
+    MaskStore(args.out).check_concept_bank(args.concepts)  # masks of two banks are never mixed in one store
     images = {cls: rels for cls, rels in images_by_class(args.images).items() if cls in bank}
     if not images:
         raise ValueError(f"--images {args.images} has no class folder named in {args.concepts}")
@@ -73,6 +75,11 @@ def _generate(args: argparse.Namespace) -> None:
     trainer.predict(MaskGeneration(grounder, bank, args.out), generation_loader(images, args.batch_size),
                     return_predictions=False)
     if trainer.is_global_zero:
+        MaskStore(args.out).update_manifest(
+            kinds=["concept", "object"], concept_bank=args.concepts,
+            models={"grounder": args.grounder, **({"detector": args.detector, "segmenter": args.segmenter}
+                                                  if args.grounder == "grounded_sam" else {})},
+            thresholds={"box": args.box_threshold, "text": args.text_threshold})
         records = [json.loads(line) for log in sorted(Path(args.out, "logs").glob("*.jsonl"))
                    for line in log.read_text().splitlines()]
         done = {r["image"] for r in records if not r["skipped"]}  # over this run and the ones it resumed

@@ -76,6 +76,7 @@ class GuidedFineTuner(L.LightningModule):
         lr_step_size: int = 2,
         lr_gamma: float = 0.85,
         track_reference: bool = True,
+        reference_train_metrics: bool = False,
     ) -> None:
         """
         Args:
@@ -91,6 +92,10 @@ class GuidedFineTuner(L.LightningModule):
             lr_gamma: decay factor of each step.
             track_reference: keep the frozen reference (its accuracy is logged beside the model's, and
                 `consistency_target: reference` needs it). False saves its memory and forward passes.
+            reference_train_metrics: also log the reference's accuracy on the training batches
+                (`train/ref_acc1`, ...). Off by default: it costs one inference-mode forward per training step
+                (a third of a plain step) for a number validation and test already give; the forward runs
+                anyway when the objective's consistency target is the reference.
         """
         super().__init__()
         # Checkpoints saved outside the CLI store the plugins as plain data (see below): accept that form too.
@@ -133,6 +138,7 @@ class GuidedFineTuner(L.LightningModule):
             )
         self.data_config = resolve_data_config(self.backbone)
         # Not a submodule: excluded from state_dict, parameters(), DDP; moved along in `_apply`.
+        self.reference_train_metrics = reference_train_metrics
         reference = freeze(copy.deepcopy(self.backbone)) if track_reference else None
         object.__setattr__(self, "_reference", reference)
         self.metrics = nn.ModuleDict(
@@ -241,7 +247,8 @@ class GuidedFineTuner(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         labels = batch["label"]
-        ref_logits = self.reference_logits(batch["image"])
+        needed = self.reference_train_metrics or getattr(self.regularizer, "consistency_target", None) == "reference"
+        ref_logits = self.reference_logits(batch["image"]) if needed else None
         self.regularizer.step_begin(self.global_step, self.current_epoch)
         out = self.regularizer(batch, self.backbone, self.relevance, ref_logits)
         self._check_finite(out, batch, batch_idx)
