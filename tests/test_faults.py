@@ -40,6 +40,7 @@ def final(root: Path) -> dict:
     return torch.load(newest, map_location="cpu", weights_only=True)
 
 
+@pytest.mark.slow  # 7 short fits in subprocesses (about 45 s)
 def test_killed_fit_resumes_to_identical_weights(smoke: Path, tmp_path: Path):
     reference_root = tmp_path / "uninterrupted"
     reference_root.mkdir()
