@@ -141,9 +141,10 @@ class CritiqueGeneration(_Stage):
         views = ((images.cpu() * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
         records = []
         for n, i in enumerate(todo):
-            records.append(self._one(store, batch, i, views[n], attribution[n], int(labels[n]),
-                                     int(logits[n].argmax()), int(targets[n])))
-        self._append(records)
+            record = self._one(store, batch, i, views[n], attribution[n], int(labels[n]),
+                               int(logits[n].argmax()), int(targets[n]))
+            self._append([record])  # per image, right after its mask: a kill loses no record of a written mask
+            records.append(record)
         return records
 
     def _one(self, store: MaskStore, batch: dict[str, Any], i: int, view: np.ndarray, attribution: np.ndarray,
