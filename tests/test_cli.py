@@ -215,6 +215,20 @@ def test_fit_under_ddp_two_cpu_processes(smoke_data: Path, tmp_path: Path) -> No
     metrics = _metrics(v0)
     assert metrics["val/loss"] == metrics["val/loss"]
     assert "gloo" in proc.stderr or "distributed_backend=gloo" in proc.stdout + proc.stderr
+    # validating the checkpoint on 2 processes and on 1 gives the same accuracies: every one of the 9 (odd)
+    # validation images is seen by exactly one rank, none twice (Lightning's default sampler would pad)
+    ckpt = str(v0 / "checkpoints" / "last.ckpt")
+    found = {}
+    for devices in ("2", "1"):
+        out = tmp_path / f"validate{devices}"
+        args = [str(cft), "validate", *_args(smoke_data, out), "--ckpt_path", ckpt, "--trainer.devices", devices,
+                *(["--trainer.strategy", "ddp"] if devices == "2" else [])]
+        proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        found[devices] = _metrics(out / "lightning_logs" / "version_0")
+    for key in ("val/acc1", "val/acc5", "val/ref_acc1"):
+        assert found["2"][key] == found["1"][key], key
+    assert found["2"]["val/loss"] == pytest.approx(found["1"]["val/loss"], rel=0.15)  # a mean of rank means
 
 
 def test_benchmarks_flag_reaches_the_data_module(smoke_data: Path, tmp_path: Path,

@@ -362,10 +362,10 @@ class GuidanceDataModule(BenchmarkTestSplits, L.LightningDataModule):
             raise DataError(f"no {name} dataset: set data.{name}_root (or call setup for this stage first)")
         sampler = None
         trainer = self.trainer
-        if name == "test" and trainer is not None and trainer.world_size > 1:
+        if name in ("val", "test") and trainer is not None and trainer.world_size > 1:
             # Lightning's default DistributedSampler pads the last shard with repeated images, which the
             # metrics would count twice; this one gives every image to exactly one rank (shards may differ
-            # in length by one, which the test loop and torchmetrics' sum-reduced states handle).
+            # in length by one, which the evaluation loops and torchmetrics' sum-reduced states handle).
             sampler = UnrepeatedDistributedSampler(dataset, num_replicas=trainer.world_size,
                                                    rank=trainer.global_rank, shuffle=False)
         extra: dict[str, Any] = {"epoch": FitEpoch(self)} if name == "train" else {}
