@@ -147,6 +147,16 @@ def _finished(run_dir: Path, command: list[str]) -> bool:
     return all(summary.get(s, {}).get("status") == "finished" for s in _stages(command))
 
 
+def _die_with_parent() -> None:
+    """In the run's process (Linux): SIGKILL it when the runner dies, so a killed sweep leaves no orphan run
+    writing into a folder the rerun is about to use. Elsewhere a no-op."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def _last_checkpoint(run_dir: Path) -> str | None:
     found = sorted(run_dir.rglob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
     return str(found[-1]) if found else None
@@ -186,7 +196,8 @@ def run_sweep(path: str | os.PathLike[str], out: str | os.PathLike[str] | None =
         run_dir.mkdir(parents=True, exist_ok=True)
         print(f"cft sweep: {run} ({i + 1}/{len(grid)}){' resuming ' + resume if resume else ''}", flush=True)
         with open(run_dir / "sweep_run.log", "a", encoding="utf-8") as log:
-            code = subprocess.call(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+            code = subprocess.call(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   preexec_fn=_die_with_parent)
         record["status"] = "finished" if code == 0 else f"failed (exit {code}; see {run_dir / 'sweep_run.log'})"
         if code != 0:
             print(f"cft sweep: {run} failed with exit code {code}; log: {run_dir / 'sweep_run.log'}", flush=True)

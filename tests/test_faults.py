@@ -113,3 +113,43 @@ def test_killed_mask_generation_and_critique_resume_without_duplicates_or_partia
     assert json.loads((critic_store / "critique" / "summary.json").read_text())["masks_written"] == 6
     for png in critic_store.rglob("*.png"):
         np.asarray(Image.open(png))
+
+
+@pytest.mark.slow  # a 2-run sweep, killed and rerun
+def test_killed_sweep_leaves_no_orphan_and_reruns_to_completion(tmp_path: Path):
+    """SIGKILL the `cft sweep` runner while its second run trains: the run dies with it (no orphan keeps writing),
+    and the rerun skips the finished run and completes the other."""
+    import json
+    import signal
+    import time
+
+    data = generate(tmp_path / "data", classes=3, per_class=3, size=32, seed=1)
+    out = tmp_path / "sweep"
+    command = [sys.executable, "-m", "cft_lightning", "sweep", str(ROOT / "configs" / "sweeps" / "smoke_lr.yaml"),
+               "--out", str(out), f"--data.root={data / 'images' / 'train'}", f"--data.masks={data / 'masks'}",
+               f"--data.val_root={data / 'images' / 'val'}", f"--data.test_root={data / 'images' / 'test'}",
+               "--model.backbone.num_classes=3",
+               '--model.backbone.model_kwargs={"img_size": 32, "patch_size": 8, "depth": 2}',
+               f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}", "--trainer.max_epochs=10",
+               "--trainer.enable_progress_bar=false"]
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
+    runner = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    second = out / "001-lr=0.001"
+    deadline = time.time() + 300
+    while not (second / "sweep_run.log").exists() or "TPU available" not in (second / "sweep_run.log").read_text():
+        assert runner.poll() is None and time.time() < deadline, "the sweep ended before its second run started"
+        time.sleep(0.2)
+    time.sleep(1.0)  # into its training (10 epochs take several seconds)
+    runner.send_signal(signal.SIGKILL)
+    runner.wait()
+    time.sleep(2)
+    orphans = subprocess.run(["pgrep", "-f", f"default_root_dir={second}"], capture_output=True, text=True).stdout
+    assert not orphans.strip(), f"an orphaned run survived the runner: {orphans}"
+    assert not (second / "run_summary.json").exists()
+    rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
+    record = json.loads((out / "sweep.json").read_text())
+    assert [r["status"] for r in record["runs"]] == ["skipped (finished before)", "finished"]
+    for run in record["runs"]:
+        summary = json.loads((Path(run["dir"]) / "run_summary.json").read_text())
+        assert summary["fit"]["status"] == summary["test"]["status"] == "finished"

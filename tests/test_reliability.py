@@ -109,3 +109,15 @@ def test_a_store_made_from_another_concept_bank_is_refused(tmp_path: Path, capsy
     assert "was made from the concept bank" in capsys.readouterr().err
     assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "store").rglob("*.png")) == before  # untouched
     main([*args, "--concepts", str(tmp_path / "a.json")])  # the same bank: a resume, allowed
+
+
+def test_soft_masks_in_a_store_read_at_half_intensity(tmp_path: Path):
+    """A grayscale (anti-aliased) mask PNG put into a store by another tool reads as pixels >= 128, by design;
+    the importers, by contrast, refuse non-binary files (tests/test_mask_import.py)."""
+    from cft_lightning.data.mask_store import MaskStore
+
+    store = MaskStore(tmp_path)
+    soft = np.array([[0, 100, 127], [128, 200, 255]], dtype=np.uint8)
+    store.path("c/x.png", "object").parent.mkdir(parents=True)
+    Image.fromarray(soft, mode="L").save(store.path("c/x.png", "object"))
+    assert (store.read("c/x.png", "object") == (soft >= 128)).all()
