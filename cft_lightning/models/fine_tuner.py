@@ -252,8 +252,8 @@ class GuidedFineTuner(EvaluationStage, L.LightningModule):
         return out.total
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        # one fused norm over all gradients and one host sync (a loop over parameters syncs once per tensor, 152 times per
-        # step and cost 5x more on ViT-B/CPU); only when it is not finite are the parameters searched
+        # one fused norm over all gradients and one host sync (a loop over the parameters syncs once per tensor,
+        # 152 times per ViT-B step, and cost 5x more on CPU); only when it is not finite are they searched
         grads = [p.grad for p in self.backbone.parameters() if p.grad is not None]
         if not grads:
             return
