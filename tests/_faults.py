@@ -72,5 +72,5 @@ def critique(data: str, weights: str, store: str, kill_at: int = 0) -> None:
     root = f"{data}/images/train"
     run_critique(model, timm.data.resolve_data_config({}, model=model), root, _items(root, classes), classes,
                  build_attributor("ixg", model), Dying(), store, {"*": "x"},
-                 CritiqueSettings(samples=6, segments=2, batch_size=2, progress=False),
+                 CritiqueSettings(samples=6, segments=2, batch_size=2, concurrency=1, progress=False),
                  truth=(f"{data}/masks", "decoy"))

@@ -123,3 +123,13 @@ def test_oracle_marks_segments_whose_effect_lies_in_the_truth():
     s.truth[0, 0] = True  # half of segment 1's effect, none of segment 2's
     assert OracleCritic(0.5)(s).spurious == [True, False]
     assert OracleCritic(0.6)(s).spurious == [False, False]
+
+
+def test_chat_pickles_without_its_lock_and_client(tmp_path: Path):
+    """ddp_spawn pickles the stage with its critic: the chat travels without its lock and client."""
+    import pickle
+
+    chat = CachedChat("m", tmp_path, base_url="http://127.0.0.1:9/v1")
+    chat.usage["calls"] = 3
+    copy = pickle.loads(pickle.dumps(chat))
+    assert copy.usage["calls"] == 3 and copy._client is None and copy._lock is not chat._lock

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,7 @@ class CachedChat:
     usage: dict[str, int] = field(default_factory=lambda: {"calls": 0, "cached": 0, "prompt_tokens": 0,
                                                             "completion_tokens": 0})
     _client: Any = None
+    _lock: Any = field(default_factory=threading.Lock, repr=False)
 
     def key(self, messages: list[dict[str, Any]], sample: int, response_format: dict[str, Any] | None = None) -> str:
         request = {"model": self.model, "messages": messages, "temperature": self.temperature,
@@ -91,13 +93,21 @@ class CachedChat:
         payload = json.dumps(request, sort_keys=True)
         return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
-    def _openai(self) -> Any:
-        if self._client is None:
-            from openai import OpenAI
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (e.g. into ddp_spawn processes) without its lock and client: each process makes its own."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_client")}
 
-            key = os.environ.get(self.api_key_env) or "EMPTY"
-            self._client = OpenAI(api_key=key, base_url=self.base_url, max_retries=self.max_retries,
-                                  timeout=self.timeout)
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _lock=threading.Lock(), _client=None)
+
+    def _openai(self) -> Any:
+        with self._lock:
+            if self._client is None:
+                from openai import OpenAI
+
+                key = os.environ.get(self.api_key_env) or "EMPTY"
+                self._client = OpenAI(api_key=key, base_url=self.base_url, max_retries=self.max_retries,
+                                      timeout=self.timeout)
         return self._client
 
     def __call__(self, messages: list[dict[str, Any]], sample: int = 0) -> str:
@@ -112,7 +122,8 @@ class CachedChat:
             try:
                 record = json.loads(path.read_text(encoding="utf-8"))
                 answer = ChatAnswer(record["answer"], record.get("finish_reason"), cached=True)
-                self.usage["cached"] += 1
+                with self._lock:
+                    self.usage["cached"] += 1
                 return answer
             except (ValueError, KeyError):
                 path.unlink()  # a damaged entry is asked again
@@ -125,10 +136,11 @@ class CachedChat:
                 **extra)
         except openai.APIError as exc:
             raise ChatError(f"{type(exc).__name__} from {self.base_url or 'the OpenAI API'}: {exc}") from exc
-        self.usage["calls"] += 1
-        if response.usage is not None:
-            self.usage["prompt_tokens"] += int(response.usage.prompt_tokens or 0)
-            self.usage["completion_tokens"] += int(response.usage.completion_tokens or 0)
+        with self._lock:  # the critique stage calls from several threads
+            self.usage["calls"] += 1
+            if response.usage is not None:
+                self.usage["prompt_tokens"] += int(response.usage.prompt_tokens or 0)
+                self.usage["completion_tokens"] += int(response.usage.completion_tokens or 0)
         if not response.choices:
             raise ChatRefusal(f"{self.model} returned no choices")
         choice = response.choices[0]

@@ -62,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--price_out", type=float, default=None, help="USD per 1M completion tokens")
     p.add_argument("--cache", default=None, help="answer cache (default: <out>/critique/llm_cache)")
     p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--concurrency", type=int, default=4, help="images critiqued at once (concurrent LLM requests)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--accelerator", default="cpu")
     p.add_argument("--devices", default="1")
@@ -162,7 +163,8 @@ def main(argv: list[str] | None = None) -> None:
             prices = (args.price_in, args.price_out)
     devices: Any = int(args.devices) if str(args.devices).isdigit() else args.devices
     settings = CritiqueSettings(samples=args.samples, segments=args.segments, target=args.target,
-                                batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress,
+                                batch_size=args.batch_size, concurrency=args.concurrency, seed=args.seed,
+                                progress=not args.no_progress,
                                 trainer=dict(accelerator=args.accelerator, devices=devices, num_nodes=args.num_nodes))
     summary = run_critique(model, config, data, items, classes, attributor, critic, args.out, descriptions,
                            settings, truth=truth, usage=usage, prices=prices)

@@ -33,6 +33,7 @@ class CritiqueSettings:
         segments: J, PPEPS-WGM components (unpublished; our default 4).
         target: the class the attribution explains, `label` (what the critic is told) or `prediction`.
         batch_size: images per predict step.
+        concurrency: images of a batch critiqued at once (threads: the critic's requests wait on the network).
         seed: k-means initialisation of the mixture.
         trainer: extra `lightning.Trainer` arguments (accelerator, devices, num_nodes, ...).
     """
@@ -41,6 +42,7 @@ class CritiqueSettings:
     segments: int = 4
     target: str = "label"
     batch_size: int = 16
+    concurrency: int = 4
     seed: int = 0
     progress: bool = True
     write_views: bool = True
@@ -101,7 +103,8 @@ def run_critique(
     chosen = lowest_entropy({k: v for k, v in entropy.items() if k in labels}, settings.samples)
     stage = CritiqueGeneration(model, attributor, critic, out, class_ids, descriptions, class_names,
                                segments=settings.segments, target=settings.target, mean=config.mean, std=config.std,
-                               data_config=config, seed=settings.seed, write_views=settings.write_views)
+                               data_config=config, seed=settings.seed, write_views=settings.write_views,
+                               concurrency=settings.concurrency)
     trainer.predict(stage, loader([(k, labels[k]) for k in chosen]), return_predictions=False)
     trainer.strategy.barrier()
     if not trainer.is_global_zero:

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -115,8 +117,10 @@ class CritiqueGeneration(_Stage):
                  class_ids: list[str], descriptions: dict[str, str], class_names: dict[str, str] | None = None,
                  segments: int = 4, target: str = "label", mean: tuple[float, ...] = (0.5,) * 3,
                  std: tuple[float, ...] = (0.5,) * 3, data_config: Any = None, seed: int = 0,
-                 write_views: bool = True) -> None:
+                 write_views: bool = True, concurrency: int = 4) -> None:
         super().__init__(model, store, "records")
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
         if target not in ("label", "prediction"):
             raise ValueError(f"target must be 'label' or 'prediction', got {target!r}")
         self.attributor, self.critic = attributor, critic
@@ -124,7 +128,11 @@ class CritiqueGeneration(_Stage):
         self.class_names = class_names or {}
         self.segments, self.target, self.seed = segments, target, seed
         self.mean, self.std, self.data_config = mean, std, data_config
-        self.write_views = write_views
+        self.write_views, self.concurrency = write_views, concurrency
+
+    def on_predict_start(self) -> None:
+        super().on_predict_start()
+        self._lock = threading.Lock()  # made here, in each process: a lock does not pickle (ddp_spawn)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         store = MaskStore(self.store_root)
@@ -139,13 +147,19 @@ class CritiqueGeneration(_Stage):
         mean = torch.tensor(self.mean).view(1, 3, 1, 1)
         std = torch.tensor(self.std).view(1, 3, 1, 1)
         views = ((images.cpu() * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
-        records = []
-        for n, i in enumerate(todo):
+        def critique(n: int) -> dict[str, Any]:
+            i = todo[n]
             record = self._one(store, batch, i, views[n], attribution[n], int(labels[n]),
                                int(logits[n].argmax()), int(targets[n]))
-            self._append([record])  # per image, right after its mask: a kill loses no record of a written mask
-            records.append(record)
-        return records
+            with self._lock:  # per image, right after its mask: a kill loses no record of a written mask
+                self._append([record])
+            return record
+
+        if self.concurrency == 1 or len(todo) == 1:
+            return [critique(n) for n in range(len(todo))]
+        # the critic's requests wait on the network: `concurrency` images of the batch are critiqued at once
+        with ThreadPoolExecutor(max_workers=min(self.concurrency, len(todo))) as pool:
+            return list(pool.map(critique, range(len(todo))))
 
     def _one(self, store: MaskStore, batch: dict[str, Any], i: int, view: np.ndarray, attribution: np.ndarray,
              label: int, prediction: int, target: int) -> dict[str, Any]:
