@@ -39,7 +39,7 @@ from cft_lightning.data.image_folder import (
     select_few_shot,
 )
 from cft_lightning.data.mask_store import MaskStore
-from cft_lightning.data.resumable import EpochSeededLoader, FitEpoch
+from cft_lightning.data.resumable import EpochSeededLoader, EpochShuffleSampler, FitEpoch
 from cft_lightning.data.transforms import JointTransform, build_transforms
 
 SELECTION_FILE = "fine_tuning_classes.json"
@@ -362,7 +362,12 @@ class GuidanceDataModule(BenchmarkTestSplits, L.LightningDataModule):
             raise DataError(f"no {name} dataset: set data.{name}_root (or call setup for this stage first)")
         sampler = None
         trainer = self.trainer
-        if name in ("val", "test") and trainer is not None and trainer.world_size > 1:
+        if name == "train":  # the same global batches on any number of processes (see EpochShuffleSampler)
+            sampler = EpochShuffleSampler(
+                dataset, num_replicas=trainer.world_size if trainer is not None else 1,
+                rank=trainer.global_rank if trainer is not None else 0,
+                seed=int(os.environ.get("PL_GLOBAL_SEED", 0)), epoch=FitEpoch(self))
+        elif name in ("val", "test") and trainer is not None and trainer.world_size > 1:
             # Lightning's default DistributedSampler pads the last shard with repeated images, which the
             # metrics would count twice; this one gives every image to exactly one rank (shards may differ
             # in length by one, which the evaluation loops and torchmetrics' sum-reduced states handle).

@@ -26,6 +26,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from cft_lightning.data.errors import DataError
 from cft_lightning.data.image_io import IMAGE_EXTENSIONS, is_image_file, load_image
 from cft_lightning.data.mask_store import MaskStore, normalize_rel_path
+from cft_lightning.data.resumable import sample_seed
 from cft_lightning.data.transforms import JointTransform
 
 MISSING_MASK_POLICIES = ("error", "drop", "empty")
@@ -367,10 +368,16 @@ class GuidanceDataset(torch.utils.data.Dataset):
         return mask
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        epoch, index = divmod(int(index), len(self.samples))  # EpochShuffleSampler tags indices with the epoch
         sample = self.samples[index]
         image = load_image(self.root / sample.path)
         masks = {kind: self._read_mask(sample, kind, image.size) for kind in self.mask_kinds}
-        image_tensor, mask_tensors = self.transform(image, masks)
+        if getattr(self.transform, "train", False):  # augmentation seeded by (seed, epoch, sample)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(sample_seed(epoch, index))
+                image_tensor, mask_tensors = self.transform(image, masks)
+        else:
+            image_tensor, mask_tensors = self.transform(image, masks)
         return {
             "image": image_tensor,
             "label": torch.tensor(sample.label, dtype=torch.int64),

@@ -17,9 +17,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-__all__ = ["EpochSeededLoader", "FitEpoch"]
+__all__ = ["EpochSeededLoader", "EpochShuffleSampler", "FitEpoch", "sample_seed"]
 
 
 class FitEpoch:
@@ -33,6 +33,32 @@ class FitEpoch:
         if trainer is None:
             return 0
         return int(trainer.fit_loop.epoch_progress.current.processed)
+
+
+def sample_seed(epoch: int, index: int) -> int:
+    """The seed of one training sample's augmentation in one epoch (from `seed_everything`'s seed)."""
+    base = int(os.environ.get("PL_GLOBAL_SEED", 0))
+    return ((base * 1_000_003 + epoch) * 1_000_033 + index) % 2**63
+
+
+class EpochShuffleSampler(DistributedSampler):
+    """The training order: DistributedSampler's (a permutation drawn from seed + epoch, each rank taking every
+    `num_replicas`-th index), whatever the number of processes, so the samples of global step k are the same
+    on one process with batch B as on R processes with batch B / R. The epoch is read from the fit loop when
+    iteration starts (right for a resumed run's first epoch, which Lightning starts before calling set_epoch),
+    and every index is tagged with it (`epoch * len(dataset) + i`), so `GuidanceDataset` can seed each
+    sample's augmentation by (seed, epoch, sample): the same crops and flips on any number of processes or
+    workers, and after a resume."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int, epoch: FitEpoch | None) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
+        self.epoch_of = epoch
+
+    def __iter__(self) -> Any:
+        if self.epoch_of is not None:
+            self.set_epoch(self.epoch_of())
+        n = len(self.dataset)  # type: ignore[arg-type]
+        return iter([self.epoch * n + int(i) for i in super().__iter__()])
 
 
 class EpochSeededLoader(DataLoader):
