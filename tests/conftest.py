@@ -13,3 +13,18 @@ def vision_stub():
     server = serve(stub)
     yield stub, f"http://127.0.0.1:{server.server_address[1]}/v1"
     server.shutdown()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Tests never read or write the user's cache ($CFT_CACHE: generated benchmarks, the demo's starting
+    models): a cache of their own, shared by the session."""
+    import os
+
+    saved = os.environ.get("CFT_CACHE")
+    os.environ["CFT_CACHE"] = str(tmp_path_factory.mktemp("cft_cache"))
+    yield
+    if saved is None:
+        os.environ.pop("CFT_CACHE", None)
+    else:
+        os.environ["CFT_CACHE"] = saved

@@ -9,11 +9,13 @@ import pytest
 from PIL import Image
 
 from cft_lightning.cli import main
-from cft_lightning.demo.pipeline import DemoSettings, pretrain
+from cft_lightning.demo.pipeline import DemoSettings
 from cft_lightning.demo.report import KEY_METRICS
+from cft_lightning.demo.start import build_start
 
 TINY = ["--num_classes", "3", "--image_size", "32", "--train_per_class", "12", "--test_per_class", "6",
-        "--pretrain_epochs", "1", "--finetune_epochs", "1", "--images_per_class", "2", "--no_progress"]
+        "--pretrain_epochs", "1", "--shortcut_epochs", "1", "--finetune_epochs", "1", "--images_per_class", "2",
+        "--no_progress"]
 
 
 @pytest.fixture(scope="module")
@@ -47,15 +49,42 @@ def test_demo_writes_summary_results_and_pictures(demo_run: Path, capsys: pytest
         assert im.width > 100
 
 
-def test_pretrained_model_is_cached_per_recipe(demo_run: Path) -> None:
+def test_start_models_are_cached_per_recipe_and_never_reused_when_damaged(demo_run: Path) -> None:
+    """Both stages of the pretrained start live in the cache keyed by their recipe; a truncated weights file or
+    a changed recipe means training again, never a silent reuse."""
+    from cft_lightning.benchmarks import ShortcutPartsSpec
+    from cft_lightning.data.mask_store import file_sha256
+
+    spec = ShortcutPartsSpec(num_classes=3, image_size=32, train_per_class=12, test_per_class=6)
+    settings = DemoSettings(out=str(demo_run / "run"), benchmark=spec, pretrain_epochs=1, shortcut_epochs=1,
+                            progress=False)
+    first = json.loads((demo_run / "run" / "seed_0" / "start.json").read_text())
+    assert [s["recipe"]["stage"] for s in first["stages"]] == ["parts", "shortcut"]
+    again = build_start(settings, demo_run / "data", 0, demo_run / "again")
+    assert [s["cached"] for s in again["stages"]] == [True, True]
+    assert again.weights == Path(first["weights"])
+
+    weights = again.weights
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a truncated cache file
+    rebuilt = build_start(settings, demo_run / "data", 0, demo_run / "rebuilt")
+    assert [s["cached"] for s in rebuilt["stages"]] == [True, False]
+    assert rebuilt.weights == weights and file_sha256(weights) == rebuilt["stages"][1]["sha256"]
+
+    other = build_start(DemoSettings(out=settings.out, benchmark=spec, pretrain_epochs=1, shortcut_epochs=1,
+                                     shortcut_lr=5e-4, progress=False), demo_run / "data", 0, demo_run / "other")
+    assert [s["cached"] for s in other["stages"]] == [True, False], "another stage-2 recipe is another model"
+    assert other.weights != weights
+
+
+def test_scratch_start_trains_on_the_biased_split_only(demo_run: Path) -> None:
     from cft_lightning.benchmarks import ShortcutPartsSpec
 
     spec = ShortcutPartsSpec(num_classes=3, image_size=32, train_per_class=12, test_per_class=6)
-    settings = DemoSettings(out=str(demo_run / "run"), benchmark=spec, pretrain_epochs=1, progress=False)
-    seed_dir = demo_run / "run" / "seed_0"
-    before = (seed_dir / "pretrained.pth").stat().st_mtime_ns
-    assert pretrain(settings, demo_run / "data", 0, seed_dir) == seed_dir / "pretrained.pth"
-    assert (seed_dir / "pretrained.pth").stat().st_mtime_ns == before, "same recipe: reused, not retrained"
+    start = build_start(DemoSettings(benchmark=spec, start="scratch", pretrain_epochs=1, progress=False),
+                        demo_run / "data", 0, demo_run / "scratch")
+    assert [s["recipe"]["stage"] for s in start["stages"]] == ["scratch"]
+    assert start["stages"][0]["recipe"]["data"]["spurious_rate"] == spec.spurious_rate
+    assert {"test_id_acc1", "test_ood_acc1", "bg_follow", "probe_ood_acc1"} <= set(start["stages"][0]["profile"])
 
 
 def test_unknown_method_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -82,18 +111,14 @@ def test_every_demo_method_builds_a_regularizer_and_relevance_method() -> None:
 def test_demo_all_methods_from_the_same_pretrained_model(demo_run: Path) -> None:
     """`--methods all` fine-tunes every baseline from the cached pretrained model and tables them; LVLM-VA gets
     oracle critic masks for the low-entropy half of its few-shot images."""
-    import shutil
-
     from cft_lightning.data.mask_store import MaskStore
     from cft_lightning.demo.pipeline import ALL_METHODS
 
     out = demo_run / "all"
-    (out / "seed_0").mkdir(parents=True)
-    for name in ("pretrained.pth", "pretrained.json"):
-        shutil.copy(demo_run / "run" / "seed_0" / name, out / "seed_0" / name)
     main(["demo", "--out", str(out), "--data_dir", str(demo_run / "data"), "--methods", "all", "--overlays", "0",
           *TINY])
-    assert not (out / "seed_0" / "pretrain").exists(), "the pretrained model was reused"
+    start = json.loads((out / "seed_0" / "start.json").read_text())
+    assert all(stage["cached"] for stage in start["stages"]), "the starting model was reused"
     rows = [line.split("|")[1].strip() for line in (out / "summary.md").read_text().splitlines()[2:]]
     assert rows == ["original", *ALL_METHODS]
     for method in ALL_METHODS:
@@ -132,12 +157,7 @@ def test_counterfactual_pool_links_only_off_background_training_images(tmp_path:
 def test_mask_stage_pipeline_reproduces_the_benchmark_masks_run(demo_run: Path) -> None:
     """`--mask_source pipeline`: the concept bank validated and grounded by the mask stage (oracle grounder).
     The oracle returns the ground truth, so CFT's results equal those of the run on the benchmark's masks."""
-    import shutil
-
     out = demo_run / "pipeline"
-    (out / "seed_0").mkdir(parents=True)
-    for name in ("pretrained.pth", "pretrained.json"):
-        shutil.copy(demo_run / "run" / "seed_0" / name, out / "seed_0" / name)
     main(["demo", "--out", str(out), "--data_dir", str(demo_run / "data"), "--methods", "cft", "--overlays", "0",
           "--mask_source", "pipeline", *TINY])
     validated = json.loads((out / "mask_stage" / "validated_concepts.json").read_text())

@@ -42,7 +42,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--image_size", type=int, default=b.image_size)
     p.add_argument("--train_per_class", type=int, default=b.train_per_class)
     p.add_argument("--test_per_class", type=int, default=b.test_per_class)
-    p.add_argument("--pretrain_epochs", type=int, default=d.pretrain_epochs)
+    p.add_argument("--start", default=d.start, choices=["pretrained", "scratch"],
+                   help="the starting model: 'pretrained' learns the parts on upstream images with uninformative "
+                   "backgrounds, then the biased split (the paper's regime); 'scratch' only the biased split "
+                   "(default: %(default)s)")
+    p.add_argument("--pretrain_epochs", type=int, default=d.pretrain_epochs,
+                   help="stage 1 of the pretrained start (parts), or the scratch start (default: %(default)s)")
+    p.add_argument("--pretrain_lr", type=float, default=d.pretrain_lr)
+    p.add_argument("--shortcut_epochs", type=int, default=d.shortcut_epochs,
+                   help="stage 2 of the pretrained start, on the biased split (default: %(default)s)")
+    p.add_argument("--shortcut_lr", type=float, default=d.shortcut_lr)
     p.add_argument("--finetune_epochs", type=int, default=d.finetune_epochs)
     p.add_argument("--finetune_lr", type=float, default=d.finetune_lr)
     p.add_argument("--images_per_class", type=int, default=d.images_per_class,
@@ -55,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
                    "grounded; the oracle grounder stands in for Grounded-SAM) (default: %(default)s)")
     p.add_argument("--data_dir", default=None, help="benchmark folder (default: the package cache)")
     p.add_argument("--overlays", type=int, default=6, help="relevance overlays to draw (default: %(default)s)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="only build (or load) the starting models and write calibration.md: the criteria of "
+                   "docs/demo.md per seed")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
     return p
 
@@ -71,7 +83,8 @@ def _overlays(settings: DemoSettings, summary: dict, count: int) -> Path | None:
     data = Path(summary["data"])
     names = sorted(p.name for p in (data / "images" / "test_ood").iterdir())
     rels = [f"{names[i % len(names)]}/test_ood_{i // len(names):04d}.png" for i in range(count)]
-    models = {"original": build_backbone(settings.backbone(str(seed_dir / "pretrained.pth"))).eval()}
+    start = json.loads((seed_dir / "start.json").read_text())["weights"]
+    models = {"original": build_backbone(settings.backbone(start)).eval()}
     for method in settings.methods:
         models[method] = build_backbone(settings.backbone(str(seed_dir / method / "fine_tuned.pth"))).eval()
     transform = JointTransform(resolve_data_config(models["original"]), train=False)
@@ -81,6 +94,22 @@ def _overlays(settings: DemoSettings, summary: dict, count: int) -> Path | None:
     masks = np.stack([store.read(r, "concept") for r in rels])
     maps = {name: AttnLRP()(m, batch, None, differentiable=False).maps for name, m in models.items()}
     return overlay_grid(np.stack(raw), masks, maps, Path(settings.out) / "overlays.png")
+
+
+def _calibrate(settings: DemoSettings) -> None:
+    from rich.console import Console
+
+    from cft_lightning.benchmarks import build_shortcut_parts
+    from cft_lightning.demo import calibration
+    from cft_lightning.demo.start import build_start
+
+    data = build_shortcut_parts(settings.data_dir, settings.benchmark, progress=settings.progress)
+    out = Path(settings.out)
+    starts = {str(seed): build_start(settings, data, seed, out / f"seed_{seed}") for seed in settings.seeds}
+    path = calibration.write(starts, out / "calibration.md")
+    Console().print(path.read_text())
+    for line in calibration.failed(starts):
+        Console(stderr=True).print(f"[yellow]calibration criterion missed:[/] {line}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -97,12 +126,17 @@ def main(argv: list[str] | None = None) -> None:
                                   background_shortcut=not args.decoy_only,
                                   decoy_side=args.decoy_side or (args.image_size // 6 if args.decoy_only else None))
     settings = DemoSettings(out=args.out, seeds=args.seeds, methods=args.methods, benchmark=benchmark,
-                            data_dir=args.data_dir, pretrain_epochs=args.pretrain_epochs,
+                            data_dir=args.data_dir, start=args.start, pretrain_epochs=args.pretrain_epochs,
+                            pretrain_lr=args.pretrain_lr, shortcut_epochs=args.shortcut_epochs,
+                            shortcut_lr=args.shortcut_lr,
                             finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
                             images_per_class=args.images_per_class, fewshot_pool=args.fewshot_pool,
                             mask_source=args.mask_source, critic=args.critic,
                             progress=not args.no_progress)
     Path(settings.out).mkdir(parents=True, exist_ok=True)
+    if args.calibrate:
+        _calibrate(settings)
+        return
     summary = run_demo(settings)
     table = summarize(summary["results"])
     text = summary_markdown(table)

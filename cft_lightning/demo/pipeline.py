@@ -1,19 +1,20 @@
 """The embedded demo: a shortcut model, repaired (or not) by guided fine-tuning, on the shortcut-parts benchmark.
 
 Steps, per seed:
-1. pretrain a small ViT from scratch on the biased training split (background = class, 95 %): the
-   "pretrained model with a shortcut" (cached in the output folder, reused by every method);
+1. the starting model (`demo/start.py`): by default a small ViT that first learns the parts on upstream images
+   with uninformative backgrounds, then leans on the background after training on the biased split (cached
+   per recipe, reused by every method and output folder);
 2. fine-tune it with each method (PlainFineTuning, ObjectMaskGuidance, CFT, ...) on a few-shot masked subset:
-   P images per class on half of the classes, as in the paper;
-3. test Original and fine-tuned side by side on the in-distribution and out-of-distribution splits.
-Then the summary over seeds (mean and spread), overlays and a bar chart (`demo/report.py`).
+   P images per class on all or half of the classes, as in the paper;
+3. test Original and fine-tuned side by side on the in-distribution and out-of-distribution splits, with
+   relevance alignment and the decision-reliance diagnostics.
+Then the summary over seeds (mean, spread, paired differences), overlays and a bar chart (`demo/report.py`).
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from cft_lightning.data.datamodule import GuidanceDataModule
 from cft_lightning.data.image_folder import GuidanceDataset, build_samples
 from cft_lightning.data.mask_store import MaskStore
 from cft_lightning.data.transforms import build_transforms
+from cft_lightning.demo.start import build_start
 from cft_lightning.models import BackboneSpec, GuidedFineTuner
 from cft_lightning.models.backbone import build_backbone, resolve_data_config
 from cft_lightning.regularizers import (
@@ -96,8 +98,12 @@ class DemoSettings:
     depth: int = 4
     embed_dim: int = 192
     patch_size: int = 8
-    pretrain_epochs: int = 15
+    # the starting model (demo/start.py): "pretrained" (parts first, then the biased split) or "scratch"
+    start: str = "pretrained"
+    pretrain_epochs: int = 15  # stage 1 (parts, upstream data), or the only stage of the scratch start
     pretrain_lr: float = 1e-3
+    shortcut_epochs: int = 1  # stage 2 of the pretrained start: the biased training split
+    shortcut_lr: float = 1e-3
     finetune_epochs: int = 30
     finetune_lr: float = 1e-4
     images_per_class: int = 10
@@ -128,26 +134,6 @@ def _trainer(settings: DemoSettings, root: Path, epochs: int, **kwargs: Any) -> 
         enable_model_summary=False, enable_progress_bar=settings.progress, num_sanity_val_steps=0,
         log_every_n_steps=5, **kwargs,
     )
-
-
-def pretrain(settings: DemoSettings, data: Path, seed: int, out: Path) -> Path:
-    """Train the shortcut model from scratch on the biased split; cached as `out/pretrained.pth`."""
-    weights, record = out / "pretrained.pth", out / "pretrained.json"
-    recipe = {"seed": seed, "benchmark": asdict(settings.benchmark), "backbone": asdict(settings.backbone(None)),
-              "epochs": settings.pretrain_epochs, "lr": settings.pretrain_lr}
-    if weights.is_file() and record.is_file() and json.loads(record.read_text()) == json.loads(json.dumps(recipe)):
-        return weights  # the same recipe ran before: reuse its model
-    L.seed_everything(seed, workers=True)
-    model = GuidedFineTuner(settings.backbone(None), PlainFineTuning(), None, lr=settings.pretrain_lr,
-                            weight_decay=0.05, lr_step_size=0, track_reference=False)
-    dm = GuidanceDataModule(str(data / "images" / "train"), mask_kinds=[], class_fraction=1.0, images_per_class=None,
-                            val_root=str(data / "images" / "val"), batch_size=64, seed=seed)
-    _trainer(settings, out / "pretrain", settings.pretrain_epochs).fit(model, dm)
-    tmp = weights.with_suffix(".tmp")
-    torch.save(model.backbone.state_dict(), tmp)
-    os.replace(tmp, weights)
-    record.write_text(json.dumps(recipe, indent=2) + "\n")
-    return weights
 
 
 def fewshot_root(settings: DemoSettings, data: Path, out: Path) -> Path:
@@ -327,7 +313,7 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     all_results: dict[str, Any] = {}
     for seed in settings.seeds:
         seed_dir = out / f"seed_{seed}"
-        weights = pretrain(settings, data, seed, seed_dir)
+        weights = build_start(settings, data, seed, seed_dir).weights
         for method in settings.methods:
             all_results.setdefault(str(seed), {})[method] = finetune_and_test(
                 settings, data, seed, method, weights, seed_dir / method
