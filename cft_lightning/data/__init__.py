@@ -30,6 +30,7 @@ _EXPORTS = {
     "scan_image_folder": "image_folder",
     "select_few_shot": "image_folder",
     "GuidanceDataModule": "datamodule",
+    "choose_donors": "donors",
 }
 
 __all__ = sorted(_EXPORTS)

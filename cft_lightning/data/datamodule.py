@@ -8,6 +8,14 @@ Batch contract (default collate of :class:`~cft_lightning.data.image_folder.Guid
     batch["path"]         list of B str, image paths relative to the split's root (the mask-store key)
     batch["group"]        int64 (B,), group id from the metadata CSV (-1 if none)
     batch["index"]        int64 (B,), position in the split's dataset
+
+With ``interventions`` the test splits that have masks also carry, per image, its background-swap donor
+(another image of the split, fixed by the dataset; see ``GuidanceDataset``)::
+
+    batch["donor_image"]        float32 (B, 3, H, W), the donor, transformed like the image
+    batch["donor_masks"][kind]  float32 (B, H, W), the donor's foreground mask (kind ``object``, else ``concept``)
+    batch["donor_label"]        int64 (B,), the donor's label (differs from ``label`` whenever the split allows)
+    batch["donor_index"]        int64 (B,), the donor's position in the split's dataset
 """
 
 from __future__ import annotations
@@ -109,6 +117,13 @@ class GuidanceDataModule(BenchmarkTestSplits, L.LightningDataModule):
             configured), or ``none``.
         benchmark_protocol: ``standard`` (IN-A/IN-R over their 200 classes, ObjectNet's official group rule and
             border crop) or ``release`` (the CFT release: all 1000 classes, ObjectNet's first class, no crop).
+        interventions: ``test`` also measures what the decisions rely on (docs/results.md): accuracy with the
+            concept pixels filled from the object's colour (``acc1_concepts_removed``, needs ``concept`` masks)
+            and on another image's background (``acc1_background_swapped``, ``bg_follow``, needs ``object`` or
+            ``concept`` masks). It applies to the ``test_root`` splits whose masks the store holds for every
+            image (``data.mask_kinds`` must list ``concept`` and/or ``object``); the robustness benchmarks have
+            no masks and ImageNet-Segmentation no labels, so they are left out. Each image then loads a donor
+            image as well (twice the test I/O).
     """
 
     def __init__(
@@ -136,6 +151,7 @@ class GuidanceDataModule(BenchmarkTestSplits, L.LightningDataModule):
         benchmarks: dict[str, str] | None = None,
         benchmark_names: str | list[str] | None = None,
         benchmark_protocol: str = "standard",
+        interventions: bool = False,
     ) -> None:
         super().__init__()
         for name, value, want_dir in (
@@ -159,6 +175,11 @@ class GuidanceDataModule(BenchmarkTestSplits, L.LightningDataModule):
             raise DataError(f"data.missing_masks must be one of {MISSING_MASK_POLICIES}, got {missing_masks!r}")
         if mask_kinds and masks is None:
             raise DataError(f"data.mask_kinds={list(mask_kinds)} needs data.masks (a mask store), or set mask_kinds=[]")
+        if interventions and (masks is None or not {"concept", "object"} & set(mask_kinds)):
+            raise DataError(
+                "data.interventions needs masks to separate concept, object and background: set data.masks and "
+                f"'concept' and/or 'object' in data.mask_kinds (got mask_kinds={list(mask_kinds)}, masks={masks})"
+            )
         if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1) or num_workers < 0:
             raise DataError("data.batch_size / eval_batch_size must be >= 1 and num_workers >= 0")
         if alignment_kind is not None:
@@ -198,6 +219,7 @@ class GuidanceDataModule(BenchmarkTestSplits, L.LightningDataModule):
         self.benchmarks = dict(benchmarks or {})
         self.benchmark_names = benchmark_names
         self.benchmark_protocol = benchmark_protocol
+        self.interventions = interventions
         self.test_scorers: list[Any] = []
         self.benchmark_splits: list[str] = []  # test splits that are named benchmarks (ImageNet-1k labels)
         self._test_names: list[str] = []
@@ -273,12 +295,18 @@ class GuidanceDataModule(BenchmarkTestSplits, L.LightningDataModule):
             rank_zero_warn(f"metadata CSV {meta.path} lists none of the {len(samples)} images of {root}; group -1")
         return samples
 
-    def _optional_mask_dataset(self, root: str, transform: JointTransform, allow_flat: bool = False) -> GuidanceDataset:
-        """All images of ``root``, with the requested mask kinds that the store holds for every image."""
+    def _optional_mask_dataset(self, root: str, transform: JointTransform, allow_flat: bool = False,
+                               donors: bool = False) -> GuidanceDataset:
+        """All images of ``root``, with the requested mask kinds that the store holds for every image; with
+        ``donors``, background-swap donors when one of those kinds marks the foreground (else a warning)."""
         samples = self._samples(scan_image_folder(root, allow_flat=allow_flat), root)
         store = MaskStore(self.masks) if self.masks is not None else None
         kinds = _kinds_available(store, samples, self.mask_kinds) if store is not None else []
-        return GuidanceDataset(root, samples, transform, store, kinds, "error")
+        if donors and not {"concept", "object"} & set(kinds):
+            rank_zero_warn(f"data.interventions: {root} has no 'concept' or 'object' mask for every image in "
+                           f"{self.masks}; its concept-removal and background-swap metrics are skipped")
+            donors = False
+        return GuidanceDataset(root, samples, transform, store, kinds, "error", donors=donors)
 
     def setup(self, stage: str | None = None) -> None:
         """Build the datasets of ``stage`` (``fit``, ``validate``, ``test``, ``predict``; ``None`` = fit)."""
@@ -321,7 +349,7 @@ class GuidanceDataModule(BenchmarkTestSplits, L.LightningDataModule):
         if self.test_root is not None:
             roots = self.test_root if isinstance(self.test_root, dict) else {"test": self.test_root}
             for name, root in roots.items():
-                datasets.append(self._optional_mask_dataset(root, eval_tf))
+                datasets.append(self._optional_mask_dataset(root, eval_tf, donors=self.interventions))
                 names.append(name)
         scorers: list[Any] = [None] * len(datasets)
         for name, dataset, scorer in self._benchmark_splits(eval_tf):

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+from cft_lightning.data.donors import DONOR_SEED, choose_donors, foreground_kind
 from cft_lightning.data.errors import DataError
 from cft_lightning.data.image_io import IMAGE_EXTENSIONS, is_image_file, load_image
 from cft_lightning.data.mask_store import MaskStore, normalize_rel_path
@@ -294,6 +295,12 @@ class GuidanceDataset(torch.utils.data.Dataset):
     file does: ``"error"`` raises DataError (count and first files), ``"drop"`` removes the image (warning with the
     count), ``"empty"`` serves an all-zero mask (one warning). Kinds in ``optional_kinds`` exist for some images
     only by design (LVLM-VA's critic masks, for the alignment set): missing ones are all-zero, silently.
+
+    With ``donors`` (for `cft test`'s background swap, docs/results.md) every item also carries another image
+    of the split: ``"donor_image"`` (same transform), ``"donor_masks"`` ({foreground kind: mask}, the kind being
+    ``object`` if loaded, else ``concept``), ``"donor_label"`` and ``"donor_index"``. Donors are fixed here, per
+    sample (``donor_indices``, see `choose_donors`), so they do not depend on batching, shuffling or DDP ranks.
+    Off by default: it doubles the image I/O.
     """
 
     def __init__(
@@ -305,6 +312,8 @@ class GuidanceDataset(torch.utils.data.Dataset):
         mask_kinds: Sequence[str] = (),
         missing_masks: str = "error",
         optional_kinds: Sequence[str] = (),
+        donors: bool = False,
+        donor_seed: int = DONOR_SEED,
     ) -> None:
         if missing_masks not in MISSING_MASK_POLICIES:
             raise DataError(f"missing_masks must be one of {MISSING_MASK_POLICIES}, got {missing_masks!r}")
@@ -317,6 +326,16 @@ class GuidanceDataset(torch.utils.data.Dataset):
         self.optional_kinds = [k for k in optional_kinds if k in self.mask_kinds]
         self.missing: set[tuple[str, str]] = set()
         self.samples = self._check_masks(list(samples), missing_masks)
+        self.donor_kind: str | None = None
+        self.donor_indices: np.ndarray | None = None
+        if donors:
+            self.donor_kind = foreground_kind(self.mask_kinds)
+            if self.donor_kind is None:
+                raise DataError(
+                    f"donors for the background swap of {self.root} need an 'object' or 'concept' mask kind, "
+                    f"got mask kinds {self.mask_kinds}"
+                )
+            self.donor_indices = choose_donors([s.label for s in self.samples], donor_seed)
 
     def _check_masks(self, samples: list[Sample], policy: str) -> list[Sample]:
         if not self.mask_kinds or self.mask_store is None:
@@ -367,18 +386,22 @@ class GuidanceDataset(torch.utils.data.Dataset):
             )
         return mask
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        epoch, index = divmod(int(index), len(self.samples))  # EpochShuffleSampler tags indices with the epoch
+    def _load(self, index: int, epoch: int, kinds: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Transformed image and masks of ``kinds`` of sample ``index``."""
         sample = self.samples[index]
         image = load_image(self.root / sample.path)
-        masks = {kind: self._read_mask(sample, kind, image.size) for kind in self.mask_kinds}
+        masks = {kind: self._read_mask(sample, kind, image.size) for kind in kinds}
         if getattr(self.transform, "train", False):  # augmentation seeded by (seed, epoch, sample)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(sample_seed(epoch, index))
-                image_tensor, mask_tensors = self.transform(image, masks)
-        else:
-            image_tensor, mask_tensors = self.transform(image, masks)
-        return {
+                return self.transform(image, masks)
+        return self.transform(image, masks)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        epoch, index = divmod(int(index), len(self.samples))  # EpochShuffleSampler tags indices with the epoch
+        sample = self.samples[index]
+        image_tensor, mask_tensors = self._load(index, epoch, self.mask_kinds)
+        item = {
             "image": image_tensor,
             "label": torch.tensor(sample.label, dtype=torch.int64),
             "masks": mask_tensors,
@@ -386,3 +409,9 @@ class GuidanceDataset(torch.utils.data.Dataset):
             "group": torch.tensor(sample.group, dtype=torch.int64),
             "index": torch.tensor(index, dtype=torch.int64),
         }
+        if self.donor_indices is not None and self.donor_kind is not None:
+            donor = int(self.donor_indices[index])
+            item["donor_image"], item["donor_masks"] = self._load(donor, epoch, [self.donor_kind])
+            item["donor_label"] = torch.tensor(self.samples[donor].label, dtype=torch.int64)
+            item["donor_index"] = torch.tensor(donor, dtype=torch.int64)
+        return item

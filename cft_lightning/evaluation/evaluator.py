@@ -1,8 +1,10 @@
 """`Evaluator`: the metrics of `cft test` for the fine-tuned model and its reference, per test split.
 
 For every split and both models ("fine_tuned", "original") it accumulates top-1/top-5 accuracy, group
-accuracies (when the batch carries groups) and relevance alignment with object masks (when the batch has
-`object` masks and a relevance method can run). `results()` gives the nested dict the report writer and
+accuracies (when the batch carries groups), relevance alignment with object masks (when the batch has
+`object` masks and a relevance method can run) and, with `update_interventions`, top-1 on the intervened images
+of `evaluation.interventions` (concepts removed, background swapped) and how often the decision follows the
+swapped-in background (`bg_follow`). `results()` gives the nested dict the report writer and
 the JSON file use (schema in docs/results.md).
 """
 
@@ -17,15 +19,18 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import SumMetric
 
+from cft_lightning.evaluation.interventions import INTERVENTIONS
 from cft_lightning.evaluation.metrics import GroupAccuracy, RankAccuracy, RelevanceAlignment
 
-__all__ = ["CLASS_SPLITS", "MODELS", "Evaluator", "Scorer", "plain_rank"]
+__all__ = ["CLASS_SPLITS", "INTERVENTION_METRICS", "MODELS", "Evaluator", "Scorer", "plain_rank"]
 
 MODELS = ("original", "fine_tuned")
 # accuracy on the classes seen in fine-tuning and on the held-out ones (the paper's Table 4), when the
 # batch says which is which (`batch["class_split"]`: 1 seen, 0 held out, -1 unknown)
 CLASS_SPLITS = {1: "seen", 0: "held_out"}
 Scorer = Callable[[Tensor, Tensor], Tensor]
+# results key of each intervention metric (a top-1 `RankAccuracy` each; `bg_follow` ranks the donor's label)
+INTERVENTION_METRICS = {**{name: f"acc1_{name}" for name in INTERVENTIONS}, "bg_follow": "bg_follow"}
 
 
 def plain_rank(logits: Tensor, labels: Tensor) -> Tensor:
@@ -57,6 +62,8 @@ class Evaluator(nn.Module):
                 parts: dict[str, nn.Module] = {"acc": RankAccuracy(), "align": RelevanceAlignment()}
                 for name in CLASS_SPLITS.values():
                     parts[f"acc_{name}"] = RankAccuracy()
+                for name in INTERVENTION_METRICS:
+                    parts[name] = RankAccuracy(ks=(1,))
                 if num_groups:
                     parts["groups"] = GroupAccuracy(num_groups)
                 self.metrics[f"{split}_{who}"] = nn.ModuleDict(parts)
@@ -89,6 +96,29 @@ class Evaluator(nn.Module):
         if who == MODELS[-1]:
             self.images[split].update(torch.tensor(float(labels.numel()), device=labels.device))
 
+    def update_interventions(self, split: int, who: str, batch: dict[str, Any],
+                             logits: dict[str, Tensor]) -> None:
+        """Add `who`'s logits on the intervened images of one batch, `{intervention: (B, C)}` (any subset of
+        `concepts_removed`, `background_swapped`), scored by the split's protocol like `acc1`. `bg_follow`
+        counts the swapped images whose protocol top-1 is the donor's label (`batch["donor_label"]`), over the
+        labelled images whose donor has another label."""
+        metrics = self.metrics[f"{split}_{who}"]
+        labels = batch["label"]
+        labelled = labels >= 0
+        score = self.scorers[split] or plain_rank
+        for name, view_logits in logits.items():
+            if name not in INTERVENTIONS:
+                raise KeyError(f"unknown intervention {name!r}; expected one of {', '.join(INTERVENTIONS)}")
+            if view_logits.shape[0] != labels.shape[0]:
+                raise ValueError(f"{name}: {view_logits.shape[0]} logits for a batch of {labels.shape[0]} images")
+            if labelled.any():
+                metrics[name].update(score(view_logits[labelled], labels[labelled]))
+            if name == "background_swapped":
+                donor = batch["donor_label"].to(labels.device)
+                differs = labelled & (donor >= 0) & (donor != labels)
+                if differs.any():
+                    metrics["bg_follow"].update(score(view_logits[differs], donor[differs]))
+
     def results(self) -> dict[str, Any]:
         """{split: {"num_images", "metrics": {name: {original, fine_tuned, delta}}, "groups": {...}}}."""
         out: dict[str, Any] = {}
@@ -105,6 +135,8 @@ class Evaluator(nn.Module):
                     split_acc = {kind: metrics[f"acc_{kind}"].compute() for kind in CLASS_SPLITS.values()}  # NaN: none
                     g = metrics["groups"].compute() if "groups" in metrics else None
                     align = metrics["align"].compute() if self.used_alignment[split] else None
+                    reliance = {key: float(metrics[name].compute()["acc1"])
+                                for name, key in INTERVENTION_METRICS.items()}
                 if labelled > 0:
                     for key, value in acc.items():
                         values.setdefault(key, {})[who] = float(value)
@@ -122,6 +154,9 @@ class Evaluator(nn.Module):
                 if align is not None and not math.isnan(align["pixel_acc"]):
                     for key, value in align.items():
                         values.setdefault(key, {})[who] = float(value)
+                for key, value in reliance.items():  # NaN (no key) where nothing was intervened
+                    if not math.isnan(value):
+                        values.setdefault(key, {})[who] = value
             for entry in values.values():
                 if "original" in entry and "fine_tuned" in entry:
                     entry["delta"] = entry["fine_tuned"] - entry["original"]

@@ -1,5 +1,6 @@
 """`cft test` inside `GuidedFineTuner`: both models on every test split, the Evaluator's metrics, the results
-files and pictures (a mixin, so the training module stays about training)."""
+files and pictures (a mixin, so the training module stays about training). Batches with background-swap donors
+(`data.interventions`) are also scored on their intervened images (`evaluation.interventions`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from cft_lightning.evaluation.evaluator import Evaluator, predicted_class_maps
+from cft_lightning.evaluation.interventions import intervene
 from cft_lightning.evaluation.report import print_table, write_results
 from cft_lightning.models.backbone import resolve_data_config
 from cft_lightning.tracking import log_results
@@ -52,15 +54,37 @@ class EvaluationStage:
             return logits.clone(), None
         return model(batch["image"]), None
 
+    def _forward_without_grad(self, model: nn.Module, images: Tensor) -> Tensor:
+        """Logits without autograd: the reference under inference mode, the trainable model under no_grad (test
+        may run with `inference_mode: false`)."""
+        if model is self._reference:
+            with torch.inference_mode():
+                return model(images).clone()
+        with torch.no_grad():
+            return model(images)
+
+    def _intervened_views(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int) -> dict[str, Tensor]:
+        """The batch's intervened images (none without donors), computed once for both models."""
+        try:
+            with torch.no_grad():
+                return intervene(batch)
+        except ValueError as exc:
+            split = self.evaluator.split_names[dataloader_idx]
+            raise ValueError(f"cft test, split {split!r}, batch {batch_idx}: {exc}") from exc
+
     def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         if batch_idx == 0 and dataloader_idx == 0:  # a few images of the first split for `overlays.png`
             self._overlay_images = batch["image"][:OVERLAY_IMAGES].detach().cpu()
-        logits, maps = self._explain_or_forward(self.backbone, batch)
-        ref_logits = None
+        views = self._intervened_views(batch, batch_idx, dataloader_idx)
+        models = [("fine_tuned", self.backbone)]
         if self._reference is not None:
-            ref_logits, ref_maps = self._explain_or_forward(self._reference, batch)
-            self.evaluator.update(dataloader_idx, "original", ref_logits, batch, ref_maps)
-        self.evaluator.update(dataloader_idx, "fine_tuned", logits, batch, maps)
+            models.append(("original", self._reference))
+        for who, model in models:
+            logits, maps = self._explain_or_forward(model, batch)
+            self.evaluator.update(dataloader_idx, who, logits, batch, maps)
+            if views:
+                view_logits = {name: self._forward_without_grad(model, images) for name, images in views.items()}
+                self.evaluator.update_interventions(dataloader_idx, who, batch, view_logits)
 
     def on_test_epoch_end(self) -> None:
         results = self.evaluator.results()  # synced across ranks by torchmetrics
