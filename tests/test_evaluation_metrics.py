@@ -360,3 +360,23 @@ def test_relevance_alignment_input_errors():
     with pytest.raises(ValueError):
         metric.update(maps.flatten(1), masks)
     assert all(math.isnan(v) for v in metric.compute().values())  # nothing was accumulated
+
+
+def test_concept_share_reads_the_signed_relevance_not_the_normalised_map() -> None:
+    """All positive relevance on the mask -> 1; a uniform map -> the mask's area; negative relevance counts as
+    none; a map whose background sits flat at the minimum (min-max: 0 there) still shares its evidence."""
+    from cft_lightning.evaluation.metrics import ConceptShare
+
+    mask = torch.zeros(1, 8, 8)
+    mask[:, :4, :4] = 1.0  # a quarter of the image, a quarter of a 2x2 grid
+    inside = torch.tensor([[[5.0, -3.0], [-1.0, -2.0]]])
+    uniform = torch.ones(1, 2, 2)
+    flat_background = torch.tensor([[[9.0, 3.0], [3.0, 3.0]]])  # min-max: 1 on the concept, 0 elsewhere
+    for raw, expected in ((inside, 1.0), (uniform, 0.25), (flat_background, 0.5)):
+        metric = ConceptShare()
+        metric.update(raw, mask)
+        assert metric.compute()["concept_share"] == pytest.approx(expected)
+        assert metric.compute()["concept_area"] == pytest.approx(0.25)
+    metric = ConceptShare()
+    metric.update(-torch.ones(1, 2, 2), mask)  # no positive relevance: skipped, not 0/0
+    assert math.isnan(metric.compute()["concept_share"])

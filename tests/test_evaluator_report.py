@@ -339,7 +339,7 @@ def test_test_run_writes_its_files_into_the_log_dir(tested: dict[str, Any]) -> N
     assert data["splits"] == json.loads(json.dumps(model.test_results))
     with open(log_dir / "results.csv", newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
-    assert len(rows) == sum(len(s["metrics"]) for s in data["splits"].values()) == 2 * 7
+    assert len(rows) == sum(len(s["metrics"]) for s in data["splits"].values()) == 2 * 9  # + concept_share, _area
     md = (log_dir / "results.md").read_text(encoding="utf-8")
     assert "| test_ood | relevance mIoU |" in md and "| test_id | worst-group acc (WGA) |" in md
 
@@ -352,7 +352,8 @@ def test_test_run_reports_every_split_with_groups_and_alignment(tested: dict[str
     assert list(splits) == ["test_id", "test_ood"]
     for name, split in splits.items():
         assert split["num_images"] == 18
-        assert set(split["metrics"]) == {"acc1", "acc5", *GROUP_METRICS, *ALIGNMENT}, name
+        expected = {"acc1", "acc5", *GROUP_METRICS, *ALIGNMENT, "concept_share", "concept_area"}
+        assert set(split["metrics"]) == expected, name
         for entry in split["metrics"].values():
             for who in MODELS:
                 assert 0.0 <= entry[who] <= 1.0

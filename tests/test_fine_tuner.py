@@ -784,3 +784,27 @@ def test_a_non_finite_loss_never_reaches_a_checkpoint(smoke_data: Path, tmp_path
     assert [f.name for f in files] == ["last.ckpt"]
     state = torch.load(files[0], map_location="cpu", weights_only=True)
     assert state["epoch"] == 0 and all(torch.isfinite(v).all() for v in state["state_dict"].values())
+
+
+def test_frozen_prefixes_keep_the_input_end_fixed_while_the_rest_trains() -> None:
+    """`frozen: [patch_embed, pos_embed, cls_token, blocks.0]`: one CFT step moves the later blocks and the head
+    only; the frozen parameters are out of the optimizer and unchanged; an unknown prefix is an error."""
+    model = cft_model(frozen=["patch_embed", "pos_embed", "cls_token", "blocks.0"])
+    assert "patch_embed.proj.weight" in model.frozen and "blocks.0.attn.qkv.weight" in model.frozen
+    assert not any(n.startswith("blocks.1") for n in model.frozen)
+    optimizer = model.configure_optimizers()["optimizer"]
+    trainable = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    before = snapshot(model.backbone)
+    with no_trainer_log_warning():
+        loss = model.training_step(synthetic_batch(), 0)
+    loss.backward()
+    optimizer.step()
+    after = snapshot(model.backbone)
+    for name, param in model.backbone.named_parameters():
+        frozen = name in model.frozen
+        assert (id(param) in trainable) is not frozen, name
+        if frozen:
+            assert torch.equal(before[name], after[name]), name
+    assert not torch.equal(before["blocks.1.attn.qkv.weight"], after["blocks.1.attn.qkv.weight"])
+    with pytest.raises(ValueError, match="name no parameter"):
+        cft_model(frozen=["patch_embedding"])

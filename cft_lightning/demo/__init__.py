@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -116,7 +117,8 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of `cft demo`."""
     from rich.console import Console
 
-    from cft_lightning.demo.report import bar_chart, summarize, summary_markdown
+    from cft_lightning.demo import calibration
+    from cft_lightning.demo.report import bar_chart, paired, paired_markdown, summarize, summary_markdown
 
     args = _parser().parse_args(argv)
     args.methods = list(dict.fromkeys(m for name in args.methods for m in METHOD_GROUPS.get(name, [name])))
@@ -140,13 +142,26 @@ def main(argv: list[str] | None = None) -> None:
     summary = run_demo(settings)
     table = summarize(summary["results"])
     text = summary_markdown(table)
+    comparisons = {base: paired(summary["results"], base) for base in ("original", "plain")}
+    for base, diffs in comparisons.items():
+        if diffs:
+            text += f"\nPaired differences to {base}, per seed (x100; [95 % bootstrap interval of the mean]; " \
+                    f"(seeds above {base} / seeds); bold: the interval excludes 0):\n\n" + paired_markdown(diffs, base)
     out = Path(settings.out)
     (out / "summary.md").write_text(text)
-    (out / "summary_table.json").write_text(json.dumps(table, indent=2) + "\n")
-    bar_chart(table, out / "metrics.png")
+    (out / "summary_table.json").write_text(json.dumps(
+        {"summary": table, "paired": {base: {row: {label: asdict(d) for label, d in metrics.items()}
+                                             for row, metrics in diffs.items()}
+                                      for base, diffs in comparisons.items()}}, indent=2) + "\n")
+    bar_chart(table, out / "metrics.png", comparisons["original"] or None)
+    starts = summary.get("starts") or {}
+    if starts:
+        calibration.write(starts, out / "calibration.md")
     if args.overlays > 0:
         _overlays(settings, summary, args.overlays)
     console = Console()
     console.print(f"\n[bold]cft demo[/] seeds {settings.seeds}: values x100 (mean ± std over seeds)\n")
     console.print(text)
+    for line in calibration.failed(starts):
+        console.print(f"[yellow]calibration criterion missed:[/] {line} (docs/demo.md)")
     console.print(f"files: {out / 'summary.md'}, {out / 'metrics.png'}, {out / 'overlays.png'}")

@@ -311,14 +311,17 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     out = Path(settings.out)
     data = build_shortcut_parts(settings.data_dir, settings.benchmark, progress=settings.progress)
     all_results: dict[str, Any] = {}
+    starts: dict[str, Any] = {}
     for seed in settings.seeds:
         seed_dir = out / f"seed_{seed}"
-        weights = build_start(settings, data, seed, seed_dir).weights
+        start = build_start(settings, data, seed, seed_dir)
+        starts[str(seed)] = start
+        weights = start.weights
         for method in settings.methods:
             all_results.setdefault(str(seed), {})[method] = finetune_and_test(
                 settings, data, seed, method, weights, seed_dir / method
             )
     summary = {"settings": {**asdict(settings), "benchmark": asdict(settings.benchmark)}, "data": str(data),
-               "results": all_results}
+               "starts": starts, "results": all_results}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

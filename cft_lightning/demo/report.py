@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -10,9 +12,9 @@ import numpy as np
 
 from cft_lightning.evaluation.plots import overlay_grid
 
-__all__ = ["KEY_METRICS", "overlay_grid", "summarize", "summary_markdown"]
+__all__ = ["KEY_METRICS", "overlay_grid", "paired", "paired_markdown", "per_seed", "summarize", "summary_markdown"]
 
-# (split, metric) pairs the summary reports, in order.
+# (split, metric, label) triples the summary reports, in order.
 KEY_METRICS = (
     ("test_ood", "acc1", "OOD top-1"),
     ("test_ood", "acc5", "OOD top-5"),
@@ -20,11 +22,21 @@ KEY_METRICS = (
     ("test_id", "acc1", "ID top-1"),
     ("test_id", "acc5", "ID top-5"),
     ("test_ood", "map", "OOD relevance mAP"),
+    ("test_ood", "concept_share", "OOD relevance on concepts"),
     ("test_ood", "mean_group_acc", "OOD mean group acc"),
     ("test_ood", "mu_align", "OOD mu_align"),  # decoy benchmarks: share of |attribution| off the decoy
+    # decision reliance (cft test with data.interventions): ID images, where the background matches the class
+    ("test_id", "acc1_concepts_removed", "ID top-1, concepts removed"),
+    ("test_id", "acc1_background_swapped", "ID top-1, background swapped"),
+    ("test_id", "bg_follow", "ID follows swapped background"),
 )
+CLASS_SPLIT_LABELS = ("OOD top-1, fine-tuned classes", "OOD top-1, held-out classes")
 # the bar chart leaves out top-5 (with few classes it is close to 100 for every model)
 CHART_METRICS = ("OOD top-1", "OOD WGA", "ID top-1", "OOD relevance mAP")
+# the paired-difference table and chart: what a repair must move, and what it must not cost
+PAIRED_METRICS = ("OOD top-1", "ID top-1", "OOD relevance mAP", "OOD relevance on concepts",
+                  "ID top-1, concepts removed", "ID top-1, background swapped", "ID follows swapped background")
+BOOTSTRAP_DRAWS = 10_000
 
 
 def _class_split_accuracy(res: dict[str, Any], who: str) -> dict[str, float]:
@@ -33,44 +45,130 @@ def _class_split_accuracy(res: dict[str, Any], who: str) -> dict[str, float]:
     groups = res["splits"].get("test_ood", {}).get("groups", {})
     chosen = set(res.get("fine_tuning_classes") or [])
     out = {}
-    for label, inside in (("OOD top-1, fine-tuned classes", True), ("OOD top-1, held-out classes", False)):
+    for label, inside in zip(CLASS_SPLIT_LABELS, (True, False)):
         items = [g for name, g in groups.items() if who in g and (name.split("|")[0] in chosen) == inside]
         count = sum(g["count"] for g in items)
-        if chosen and count:
+        if chosen and count and (inside or len(chosen) < len({n.split("|")[0] for n in groups})):
             out[label] = sum(g["count"] * g[who] for g in items) / count
     return out
 
 
-def summarize(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, tuple[float, float, int]]]:
-    """{row: {metric label: (mean, std, n)}} over seeds; row "original" is the shared pretrained model.
-
-    Besides KEY_METRICS, OOD top-1 is split into the classes the method fine-tuned on and the held-out ones
-    (for "original", with the classes its seed's first method used: the same draw for every method)."""
-    values: dict[str, dict[str, list[float]]] = {}
-    for per_method in results.values():
-        for method, res in per_method.items():
-            for label, value in _class_split_accuracy(res, "fine_tuned").items():
-                values.setdefault(method, {}).setdefault(label, []).append(value)
-            if method == next(iter(per_method)):
-                for label, value in _class_split_accuracy(res, "original").items():
-                    values.setdefault("original", {}).setdefault(label, []).append(value)
-            for split, metric, label in KEY_METRICS:
-                entry = res["splits"].get(split, {}).get("metrics", {}).get(metric)
-                if entry is None:
-                    continue
-                values.setdefault(method, {}).setdefault(label, []).append(entry["fine_tuned"])
-                if method == next(iter(per_method)):  # the reference is the same for every method of a seed
-                    values.setdefault("original", {}).setdefault(label, []).append(entry["original"])
-    out: dict[str, dict[str, tuple[float, float, int]]] = {}
-    for row in ["original", *[m for m in values if m != "original"]]:
-        out[row] = {
-            label: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v))
-            for label, v in values.get(row, {}).items()
-        }
+def _values(res: dict[str, Any], who: str) -> dict[str, float]:
+    out = dict(_class_split_accuracy(res, who))
+    for split, metric, label in KEY_METRICS:
+        entry = res["splits"].get(split, {}).get("metrics", {}).get(metric)
+        if entry is not None and who in entry:
+            out[label] = entry[who]
     return out
 
 
-CLASS_SPLIT_LABELS = ("OOD top-1, fine-tuned classes", "OOD top-1, held-out classes")
+def per_seed(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
+    """{row: {metric label: {seed: value}}}; row "original" is the seed's starting model (the reference of
+    its first method: the same model for every method of a seed)."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for seed, per_method in results.items():
+        for i, (method, res) in enumerate(per_method.items()):
+            whos = [("original", "original"), (method, "fine_tuned")] if i == 0 else [(method, "fine_tuned")]
+            for row, who in whos:
+                for label, value in _values(res, who).items():
+                    out.setdefault(row, {}).setdefault(label, {})[seed] = value
+    return {row: out[row] for row in ["original", *[m for m in out if m != "original"]] if row in out}
+
+
+def summarize(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, tuple[float, float, int]]]:
+    """{row: {metric label: (mean, std, n)}} over seeds (sample std; 0 for one seed)."""
+    out: dict[str, dict[str, tuple[float, float, int]]] = {}
+    for row, metrics in per_seed(results).items():
+        out[row] = {}
+        for label, by_seed in metrics.items():
+            v = list(by_seed.values())
+            out[row][label] = (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v))
+    return out
+
+
+def bootstrap_interval(diffs: list[float], draws: int = BOOTSTRAP_DRAWS, level: float = 0.95,
+                       seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of paired differences (resampling seeds with replacement)."""
+    values = np.asarray(diffs, dtype=float)
+    if len(values) < 2:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), size=(draws, len(values)))].mean(axis=1)
+    tail = (1.0 - level) / 2
+    return float(np.quantile(means, tail)), float(np.quantile(means, 1.0 - tail))
+
+
+def sign_test(diffs: list[float]) -> float:
+    """Two-sided exact sign test p-value of paired differences (ties dropped); 1.0 with nothing to test."""
+    pos = sum(d > 0 for d in diffs)
+    n = pos + sum(d < 0 for d in diffs)
+    if n == 0:
+        return 1.0
+    k = min(pos, n - pos)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+@dataclass(frozen=True)
+class Paired:
+    """Paired differences (method - baseline) of one metric over the seeds both have."""
+
+    mean: float
+    std: float
+    low: float  # 95 % percentile-bootstrap interval of the mean difference
+    high: float
+    positive: int  # seeds where the method is above the baseline
+    n: int
+    sign_p: float  # two-sided exact sign test
+
+    @property
+    def excludes_zero(self) -> bool:
+        return self.n > 1 and (self.low > 0 or self.high < 0)
+
+
+def paired(results: dict[str, dict[str, Any]], baseline: str,
+           metrics: tuple[str, ...] = PAIRED_METRICS) -> dict[str, dict[str, Paired]]:
+    """{method: {metric label: Paired}} of every row against `baseline` ("original" or a method), per seed."""
+    table = per_seed(results)
+    if baseline not in table:
+        return {}
+    out: dict[str, dict[str, Paired]] = {}
+    for row, values in table.items():
+        if row == baseline:
+            continue
+        for label in metrics:
+            mine, theirs = values.get(label, {}), table[baseline].get(label, {})
+            seeds = [s for s in mine if s in theirs]
+            if not seeds:
+                continue
+            diffs = [mine[s] - theirs[s] for s in seeds]
+            low, high = bootstrap_interval(diffs)
+            out.setdefault(row, {})[label] = Paired(
+                statistics.fmean(diffs), statistics.stdev(diffs) if len(diffs) > 1 else 0.0, low, high,
+                sum(d > 0 for d in diffs), len(diffs), sign_test(diffs))
+    return out
+
+
+def paired_markdown(diffs: dict[str, dict[str, Paired]], baseline: str) -> str:
+    """Mean paired difference x100 [95 % bootstrap interval] (seeds above the baseline / seeds); bold when the
+    interval excludes 0."""
+    labels = [label for label in PAIRED_METRICS if any(label in row for row in diffs.values())]
+    if not labels:
+        return ""
+    lines = [f"| model - {baseline} | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
+    for row, metrics in diffs.items():
+        cells = []
+        for label in labels:
+            d = metrics.get(label)
+            if d is None:
+                cells.append("-")
+            elif d.n < 2:
+                cells.append(f"{100 * d.mean:+.1f}")
+            else:
+                text = f"{100 * d.mean:+.1f} [{100 * d.low:+.1f}, {100 * d.high:+.1f}] ({d.positive}/{d.n})"
+                cells.append(f"**{text}**" if d.excludes_zero else text)
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def summary_markdown(summary: dict[str, dict[str, tuple[float, float, int]]]) -> str:
@@ -90,8 +188,13 @@ def summary_markdown(summary: dict[str, dict[str, tuple[float, float, int]]]) ->
     return "\n".join(lines) + "\n"
 
 
-def bar_chart(summary: dict[str, dict[str, tuple[float, float, int]]], path: Path) -> Path:
-    """Grouped bars (x100) with seed spread as error bars."""
+FOREST_METRICS = ("OOD top-1", "ID top-1", "ID top-1, background swapped")
+
+
+def bar_chart(summary: dict[str, dict[str, tuple[float, float, int]]], path: Path,
+              diffs: dict[str, dict[str, Paired]] | None = None, baseline: str = "original") -> Path:
+    """Grouped bars (x100, seed spread as error bars); with `diffs`, a second panel with each method's paired
+    difference to `baseline` and its 95 % bootstrap interval (filled markers: the interval excludes 0)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -100,15 +203,37 @@ def bar_chart(summary: dict[str, dict[str, tuple[float, float, int]]], path: Pat
     labels = list(CHART_METRICS)
     rows = list(summary)
     width = 0.8 / max(len(rows), 1)
-    fig, ax = plt.subplots(figsize=(8, 3.6))
+    panels = 2 if diffs else 1
+    fig, axes = plt.subplots(1, panels, figsize=(8 + 5 * (panels - 1), 3.8), squeeze=False)
+    ax = axes[0, 0]
     for i, row in enumerate(rows):
         means = [100 * summary[row].get(label, (np.nan, 0, 0))[0] for label in labels]
         stds = [100 * summary[row].get(label, (0, 0, 0))[1] for label in labels]
         ax.bar(np.arange(len(labels)) + i * width, means, width, yerr=stds, label=row, capsize=2)
-    ax.set_xticks(np.arange(len(labels)) + width * (len(rows) - 1) / 2, labels)
-    ax.set_ylabel("%")
+    ax.set_xticks(np.arange(len(labels)) + width * (len(rows) - 1) / 2, labels, fontsize=8)
+    ax.set_ylabel("% (mean ± std over seeds)")
     ax.set_ylim(0, 100)
-    ax.legend(ncol=len(rows), fontsize=8, loc="upper center", bbox_to_anchor=(0.5, 1.18))
+    ax.legend(ncol=min(len(rows), 6), fontsize=7, loc="upper center", bbox_to_anchor=(0.5, 1.22))
+    if diffs:
+        ax = axes[0, 1]
+        methods = list(diffs)
+        metrics = [m for m in FOREST_METRICS if any(m in diffs[r] for r in methods)]
+        step = 0.8 / max(len(metrics), 1)
+        for j, metric in enumerate(metrics):
+            for i, method in enumerate(methods):
+                d = diffs[method].get(metric)
+                if d is None:
+                    continue
+                y = i + (j - (len(metrics) - 1) / 2) * step
+                lo, hi = (d.low, d.high) if d.n > 1 else (d.mean, d.mean)
+                ax.errorbar(100 * d.mean, y, xerr=[[100 * (d.mean - lo)], [100 * (hi - d.mean)]], fmt="o",
+                            color=f"C{j}", mfc=f"C{j}" if d.excludes_zero else "white", capsize=2,
+                            label=metric if i == 0 else None)
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set_yticks(range(len(methods)), methods, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel(f"paired difference to {baseline}, points (95 % bootstrap over seeds)")
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, 1.22), ncol=len(metrics))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torchmetrics import SumMetric
 
 from cft_lightning.evaluation.interventions import INTERVENTIONS
-from cft_lightning.evaluation.metrics import GroupAccuracy, RankAccuracy, RelevanceAlignment
+from cft_lightning.evaluation.metrics import ConceptShare, GroupAccuracy, RankAccuracy, RelevanceAlignment
 
 __all__ = ["CLASS_SPLITS", "INTERVENTION_METRICS", "MODELS", "Evaluator", "Scorer", "plain_rank"]
 
@@ -59,7 +59,8 @@ class Evaluator(nn.Module):
         self.metrics = nn.ModuleDict()
         for split in range(len(self.split_names)):
             for who in MODELS:
-                parts: dict[str, nn.Module] = {"acc": RankAccuracy(), "align": RelevanceAlignment()}
+                parts: dict[str, nn.Module] = {"acc": RankAccuracy(), "align": RelevanceAlignment(),
+                                               "share": ConceptShare()}
                 for name in CLASS_SPLITS.values():
                     parts[f"acc_{name}"] = RankAccuracy()
                 for name in INTERVENTION_METRICS:
@@ -71,9 +72,12 @@ class Evaluator(nn.Module):
         # labelled images seen per split and model: a model or split never evaluated gets no key (not 0.0)
         self.labelled = nn.ModuleDict({key: SumMetric() for key in self.metrics})
         self.used_alignment = [False] * len(self.split_names)
+        self.used_share = [False] * len(self.split_names)
 
-    def update(self, split: int, who: str, logits: Tensor, batch: dict[str, Any], maps: Tensor | None) -> None:
-        """Add one batch of `who`'s predictions (and relevance maps for the predicted class, if any)."""
+    def update(self, split: int, who: str, logits: Tensor, batch: dict[str, Any], maps: Tensor | None,
+               raw: Tensor | None = None) -> None:
+        """Add one batch of `who`'s predictions (and relevance maps for the predicted class, if any: `maps`
+        normalised, `raw` signed; the share of positive raw relevance on the concept pixels needs `raw`)."""
         metrics = self.metrics[f"{split}_{who}"]
         labels = batch["label"]
         labelled = labels >= 0
@@ -93,6 +97,10 @@ class Evaluator(nn.Module):
         if maps is not None and "object" in (batch.get("masks") or {}):
             metrics["align"].update(maps, batch["masks"]["object"])
             self.used_alignment[split] = True
+        share_kind = next((k for k in ("concept", "object") if k in (batch.get("masks") or {})), None)
+        if raw is not None and share_kind is not None:
+            metrics["share"].update(raw, batch["masks"][share_kind])
+            self.used_share[split] = True
         if who == MODELS[-1]:
             self.images[split].update(torch.tensor(float(labels.numel()), device=labels.device))
 
@@ -135,6 +143,7 @@ class Evaluator(nn.Module):
                     split_acc = {kind: metrics[f"acc_{kind}"].compute() for kind in CLASS_SPLITS.values()}  # NaN: none
                     g = metrics["groups"].compute() if "groups" in metrics else None
                     align = metrics["align"].compute() if self.used_alignment[split] else None
+                    share = metrics["share"].compute() if self.used_share[split] else None
                     reliance = {key: float(metrics[name].compute()["acc1"])
                                 for name, key in INTERVENTION_METRICS.items()}
                 if labelled > 0:
@@ -154,6 +163,9 @@ class Evaluator(nn.Module):
                 if align is not None and not math.isnan(align["pixel_acc"]):
                     for key, value in align.items():
                         values.setdefault(key, {})[who] = float(value)
+                if share is not None and not math.isnan(share["concept_share"]):
+                    for key, value in share.items():
+                        values.setdefault(key, {})[who] = value
                 for key, value in reliance.items():  # NaN (no key) where nothing was intervened
                     if not math.isnan(value):
                         values.setdefault(key, {})[who] = value
@@ -170,10 +182,12 @@ class Evaluator(nn.Module):
         for count in (*self.images, *self.labelled.values()):
             count.reset()
         self.used_alignment = [False] * len(self.split_names)
+        self.used_share = [False] * len(self.split_names)
 
 
-def predicted_class_maps(relevance: Any, model: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
-    """(logits, relevance maps for the predicted class) from one pass, detached (Table 3 protocol)."""
+def predicted_class_maps(relevance: Any, model: nn.Module, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(logits, normalised maps, raw signed maps) for the predicted class from one pass, detached (Table 3
+    protocol)."""
     with torch.enable_grad():
         rel = relevance(model, images, None, differentiable=False)
-    return rel.logits.detach(), rel.maps.detach()
+    return rel.logits.detach(), rel.maps.detach(), rel.raw.detach()

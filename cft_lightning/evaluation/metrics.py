@@ -16,7 +16,7 @@ from torch import Tensor
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-__all__ = ["GroupAccuracy", "RankAccuracy", "RelevanceAlignment", "accuracy_metrics"]
+__all__ = ["ConceptShare", "GroupAccuracy", "RankAccuracy", "RelevanceAlignment", "accuracy_metrics"]
 
 # np.spacing(1): the stabiliser of Transformer-Explainability's pixAcc / IoU formulas (utils/metrices.py).
 _TE_EPS = float(np.spacing(1))
@@ -299,3 +299,45 @@ class RelevanceAlignment(Metric):
             "miou": float(iou.mean()),
             "map": float(self.ap_sum / self.num_images.double()),
         }
+
+
+class ConceptShare(Metric):
+    """The share of a map's positive raw relevance that lies on the concept (or object) pixels, averaged over
+    images, beside the share of the grid those pixels cover (what a map spread evenly would score).
+
+    Unlike the segmentation scores above, which look at the min-max normalised map, this reads the signed
+    relevance itself: a fine-tuned map can reach a low CFT loss by flattening the background at the map's
+    minimum while the background still carries most of the positive evidence; the share does not move then.
+    `update(raw, masks)`: `raw` (B, h, w) signed relevance on the model's grid, `masks` (B, H, W) in {0, 1},
+    pooled to the grid by area. Images without positive relevance or without mask pixels are skipped.
+    `compute()`: {"concept_share": mean share, "concept_area": mean area fraction} (NaN before any update).
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("share_sum", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("area_sum", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, raw: Tensor, masks: Tensor) -> None:
+        if raw.dim() != 3 or masks.dim() != 3 or raw.shape[0] != masks.shape[0]:
+            raise ValueError(f"raw (B, h, w) and masks (B, H, W) expected, got {tuple(raw.shape)} and "
+                             f"{tuple(masks.shape)}")
+        grid = F.adaptive_avg_pool2d(masks.float().unsqueeze(1), tuple(raw.shape[-2:])).squeeze(1)
+        positive = raw.float().clamp_min(0).flatten(1)
+        total = positive.sum(dim=1)
+        area = grid.flatten(1).mean(dim=1)
+        valid = (total > 0) & (area > 0)
+        share = (positive * grid.flatten(1)).sum(dim=1) / total.clamp_min(1e-30)
+        self.share_sum += share[valid].sum().to(self.share_sum)
+        self.area_sum += area[valid].sum().to(self.area_sum)
+        self.count += valid.sum().to(self.count)
+
+    def compute(self) -> dict[str, float]:
+        if self.count == 0:
+            return {"concept_share": float("nan"), "concept_area": float("nan")}
+        return {"concept_share": float(self.share_sum / self.count), "concept_area": float(self.area_sum / self.count)}

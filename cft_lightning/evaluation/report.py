@@ -39,6 +39,8 @@ METRIC_LABELS = {
     "pixel_acc": "relevance pixel acc",
     "miou": "relevance mIoU",
     "map": "relevance mAP",
+    "concept_share": "positive relevance on concepts",
+    "concept_area": "concept area (share of grid)",
     "acc1_concepts_removed": "top-1, concepts removed",
     "acc1_background_swapped": "top-1, background swapped",
     "bg_follow": "follows swapped background",

@@ -45,14 +45,16 @@ class EvaluationStage:
                 "set trainer.inference_mode: false to measure it"
             )
 
-    def _explain_or_forward(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, Tensor | None]:
-        if self._alignment and "object" in (batch.get("masks") or {}):
+    def _explain_or_forward(self, model: nn.Module, batch: dict[str, Any]
+                            ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """(logits, normalised maps, raw maps); the maps only where the batch has object or concept masks."""
+        if self._alignment and {"object", "concept"} & set(batch.get("masks") or {}):
             return predicted_class_maps(self.relevance, model, batch["image"])
         if model is self._reference:
             with torch.inference_mode():
                 logits = model(batch["image"])
-            return logits.clone(), None
-        return model(batch["image"]), None
+            return logits.clone(), None, None
+        return model(batch["image"]), None, None
 
     def _forward_without_grad(self, model: nn.Module, images: Tensor) -> Tensor:
         """Logits without autograd: the reference under inference mode, the trainable model under no_grad (test
@@ -80,8 +82,8 @@ class EvaluationStage:
         if self._reference is not None:
             models.append(("original", self._reference))
         for who, model in models:
-            logits, maps = self._explain_or_forward(model, batch)
-            self.evaluator.update(dataloader_idx, who, logits, batch, maps)
+            logits, maps, raw = self._explain_or_forward(model, batch)
+            self.evaluator.update(dataloader_idx, who, logits, batch, maps, raw)
             if views:
                 view_logits = {name: self._forward_without_grad(model, images) for name, images in views.items()}
                 self.evaluator.update_interventions(dataloader_idx, who, batch, view_logits)

@@ -56,6 +56,22 @@ def _plugin_config(obj: Any) -> dict[str, Any]:
     }}
 
 
+def _freeze_by_prefix(model: nn.Module, prefixes: list[str]) -> list[str]:
+    """Set requires_grad=False on the parameters whose name equals or starts with `prefix.`; the frozen names."""
+    names = [n for n, _ in model.named_parameters()]
+    matches = {p: [n for n in names if n == p or n.startswith(p.rstrip(".") + ".")] for p in prefixes}
+    unknown = [p for p, found in matches.items() if not found]
+    if unknown:
+        raise ValueError(f"model.frozen: {unknown} name no parameter of the backbone (e.g. {names[:4]})")
+    chosen = {n for found in matches.values() for n in found}
+    for name, param in model.named_parameters():
+        if name in chosen:
+            param.requires_grad_(False)
+    if chosen and len(chosen) == len(names):
+        raise ValueError("model.frozen freezes every parameter of the backbone: nothing would be trained")
+    return sorted(chosen)
+
+
 class GuidedFineTuner(EvaluationStage, L.LightningModule):
     """Fine-tunes `backbone` with `regularizer` (which may guide the `relevance` maps), logging every loss term
     and the top-1/top-5 accuracy of the fine-tuned model and of its frozen starting point."""
@@ -72,6 +88,7 @@ class GuidedFineTuner(EvaluationStage, L.LightningModule):
         lr_gamma: float = 0.85,
         track_reference: bool = True,
         reference_train_metrics: bool = False,
+        frozen: list[str] | None = None,
     ) -> None:
         """
         Args:
@@ -91,6 +108,8 @@ class GuidedFineTuner(EvaluationStage, L.LightningModule):
                 (`train/ref_acc1`, ...). Off by default: it costs one inference-mode forward per training step
                 (a third of a plain step) for a number validation and test already give; the forward runs
                 anyway when the objective's consistency target is the reference.
+            frozen: backbone parameters kept fixed, by name prefix (e.g. `[patch_embed, pos_embed, cls_token,
+                blocks.0]`: the input end); a prefix that names no parameter is an error.
         """
         super().__init__()
         # Checkpoints saved outside the CLI store the plugins as plain data (see below): accept that form too.
@@ -132,6 +151,7 @@ class GuidedFineTuner(EvaluationStage, L.LightningModule):
                 "set model.backbone.num_classes"
             )
         self.data_config = resolve_data_config(self.backbone)
+        self.frozen = _freeze_by_prefix(self.backbone, list(frozen or []))
         # Not a submodule: excluded from state_dict, parameters(), DDP; moved along in `_apply`.
         self.reference_train_metrics = reference_train_metrics
         reference = freeze(copy.deepcopy(self.backbone)) if track_reference else None
