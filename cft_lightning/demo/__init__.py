@@ -56,7 +56,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune_epochs", type=int, default=d.finetune_epochs)
     p.add_argument("--finetune_lr", type=float, default=d.finetune_lr)
     p.add_argument("--images_per_class", type=int, default=d.images_per_class,
-                   help="P: fine-tuning images per class, on half of the classes (default: %(default)s)")
+                   help="P: fine-tuning images per class (default: %(default)s, the paper's)")
+    p.add_argument("--class_fraction", type=float, default=d.class_fraction,
+                   help="share of the classes fine-tuned on: 1 (default) or 0.5 (the paper's Table 4 split: "
+                   "OOD top-1 reported on fine-tuned and held-out classes)")
+    p.add_argument("--full_split_epochs", type=int, default=d.full_split_epochs,
+                   help="epochs of the methods trained on the whole training split (rrda_full, cft_full)")
     p.add_argument("--fewshot_pool", default=d.fewshot_pool, choices=["train", "counterfactual"],
                    help="few-shot images from the biased training split, or only those off their class's "
                    "background (default: %(default)s)")
@@ -132,7 +137,8 @@ def main(argv: list[str] | None = None) -> None:
                             pretrain_lr=args.pretrain_lr, shortcut_epochs=args.shortcut_epochs,
                             shortcut_lr=args.shortcut_lr,
                             finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
-                            images_per_class=args.images_per_class, fewshot_pool=args.fewshot_pool,
+                            images_per_class=args.images_per_class, class_fraction=args.class_fraction,
+                            full_split_epochs=args.full_split_epochs, fewshot_pool=args.fewshot_pool,
                             mask_source=args.mask_source, critic=args.critic,
                             progress=not args.no_progress)
     Path(settings.out).mkdir(parents=True, exist_ok=True)

@@ -46,6 +46,7 @@ from cft_lightning.relevance import IIA, AttnLRP, GradCAM, GradientRollout, Inpu
 __all__ = [
     "ALL_METHODS",
     "METHODS",
+    "METHOD_OPTIONS",
     "METHOD_GROUPS",
     "TABLE7_METHODS",
     "DemoSettings",
@@ -59,10 +60,20 @@ METHODS: dict[str, Any] = {
     "plain": lambda: (PlainFineTuning(consistency_target="label"), None),
     "object": lambda: (ObjectMaskGuidance(), AttnLRP()),
     "cft": lambda: (CFT(), AttnLRP()),
+    # CFT with CP-LRP: no relevance through q and k (LXT's recommendation for ViTs)
+    "cft_cp": lambda: (CFT(), AttnLRP(attention_rule="cp")),
     # the paper's "w/ ground-truth" ablation: consistency CE on the label instead of the model's own argmax
     "cft_gt": lambda: (CFT(consistency_target="label"), AttnLRP()),
     # the CFT release's regime: gradient rollout with attention gradients held constant
     "cft_rollout": lambda: (CFT(), GradientRollout()),
+    # probes of why CFT moves maps but not decisions (docs/demo.md):
+    # the map normalised by its positive maximum instead of min-max (a flat background at the minimum no
+    # longer counts as "off"), the prediction explained instead of the label, the input end frozen, and
+    # masks for the whole training split instead of a few images
+    "cft_posmax": lambda: (CFT(), AttnLRP(normalize="positive_max")),
+    "cft_self": lambda: (CFT(relevance_target="self"), AttnLRP()),
+    "cft_frozen": lambda: (CFT(), AttnLRP()),
+    "cft_full": lambda: (CFT(), AttnLRP()),
     # the paper's Table 7: CFT with other relevance methods
     "cft_gradcam": lambda: (CFT(), GradCAM()),
     "cft_iia": lambda: (CFT(), IIA(steps=10)),
@@ -70,6 +81,9 @@ METHODS: dict[str, Any] = {
     "rrr": lambda: (RRR(), None),
     "gradmask": lambda: (GradMask(), None),
     "rrda": lambda: (RRDA(), None),
+    # positive control: RRDA with the object masks of the whole biased training split (every image, half of
+    # them pasted on another class's background): shows the benchmark registers a repair when one happens
+    "rrda_full": lambda: (RRDA(), None),
     "robust_vit": lambda: (RobustViT(), GradientRollout()),
     # LVLM-VA's alignment with an oracle critic: the benchmark's background masks as corrective masks
     "lvlm_va": lambda: (LVLMCritic(alignment_ratio=0.5), None),
@@ -78,11 +92,21 @@ METHODS: dict[str, Any] = {
     # LVLM-VA's upper bound on a decoy benchmark: RRR on the ground-truth decoy masks of every few-shot image
     "rrr_decoy_gt": lambda: (RRR(grad_weight=1.0, cls_weight=1.0, mask_kind="decoy", mask_role="irrelevant"), None),
 }
-# `cft demo --methods all`: the controls, CFT and every baseline (the variants cft_gt / cft_rollout are probes)
-ALL_METHODS = ["plain", "object", "cft", "rrr", "gradmask", "rrda", "robust_vit", "lvlm_va"]
+# methods that change more than the objective: `frozen` backbone parameter prefixes, `full_split` (every
+# training image of every class, `DemoSettings.full_split_epochs` epochs, instead of the few-shot subset)
+METHOD_OPTIONS: dict[str, dict[str, Any]] = {
+    "cft_frozen": {"frozen": ["patch_embed", "pos_embed", "cls_token", "blocks.0"]},
+    "cft_full": {"full_split": True},
+    "rrda_full": {"full_split": True},
+}
+# `cft demo --methods all`: the controls, CFT (three relevance regimes) and every baseline
+ALL_METHODS = ["plain", "object", "cft", "cft_cp", "cft_rollout", "rrr", "gradmask", "rrda", "robust_vit",
+               "lvlm_va", "rrda_full"]
+# `cft demo --methods probes`: the variants that ask why CFT moves maps but not decisions
+PROBE_METHODS = ["cft", "cft_gt", "cft_self", "cft_posmax", "cft_frozen", "cft_full"]
 # `cft demo --methods table7`: CFT with each relevance method (the paper's Table 7 ablation)
 TABLE7_METHODS = ["cft", "cft_rollout", "cft_iia", "cft_gradcam", "cft_ixg"]
-METHOD_GROUPS = {"all": ALL_METHODS, "table7": TABLE7_METHODS}
+METHOD_GROUPS = {"all": ALL_METHODS, "table7": TABLE7_METHODS, "probes": PROBE_METHODS}
 CRITIC_KIND = "critic"
 
 
@@ -104,10 +128,11 @@ class DemoSettings:
     pretrain_lr: float = 1e-3
     shortcut_epochs: int = 1  # stage 2 of the pretrained start: the biased training split
     shortcut_lr: float = 1e-3
-    finetune_epochs: int = 30
+    finetune_epochs: int = 50  # the paper's 50 epochs
     finetune_lr: float = 1e-4
-    images_per_class: int = 10
-    class_fraction: float = 0.5
+    images_per_class: int = 3  # the paper's P = 3
+    class_fraction: float = 1.0  # every class fine-tuned; 0.5: the paper's Table 4 split
+    full_split_epochs: int = 2  # methods with METHOD_OPTIONS full_split (1,200 images at the default size)
     fewshot_pool: str = "train"  # "train" (biased, like the rest) or "counterfactual" (off-background only)
     # "benchmark": the generator's masks; "pipeline": the concept bank validated and grounded by the mask stage
     # (cft concepts validate + cft masks generate, with the oracle grounder standing in for Grounded-SAM)
@@ -239,17 +264,20 @@ def finetune_and_test(settings: DemoSettings, data: Path, seed: int, method: str
     L.seed_everything(seed, workers=True)
     regularizer: Regularizer
     regularizer, relevance = METHODS[method]()
+    options = METHOD_OPTIONS.get(method, {})
+    full = bool(options.get("full_split"))
     model = GuidedFineTuner(settings.backbone(str(weights)), regularizer, relevance, lr=settings.finetune_lr,
-                            lr_step_size=0)
+                            lr_step_size=0, frozen=options.get("frozen"))
     classes = sorted(p.name for p in (data / "images" / "train").iterdir() if p.is_dir())
     extra_kinds = [k for k in regularizer.required_masks if k != CRITIC_KIND]  # e.g. decoy (critic: made below)
     kwargs: dict[str, Any] = dict(
         root=str(fewshot_root(settings, data, out.parent)), classes=classes, masks=str(mask_store(settings, data)),
         mask_kinds=list(dict.fromkeys(["concept", "object", *extra_kinds])),
-        class_fraction=settings.class_fraction, images_per_class=settings.images_per_class, seed=seed,
+        class_fraction=1.0 if full else settings.class_fraction,
+        images_per_class=None if full else settings.images_per_class, seed=seed,
         val_root=str(data / "images" / "val"), metadata=str(data / "metadata.csv"),
         test_root={"test_id": str(data / "images" / "test_id"), "test_ood": str(data / "images" / "test_ood")},
-        batch_size=settings.batch_size, eval_batch_size=64,
+        batch_size=settings.batch_size, eval_batch_size=64, interventions=True,
     )
     dm = GuidanceDataModule(**kwargs)
     ratio = getattr(regularizer, "alignment_ratio", None)
@@ -263,7 +291,8 @@ def finetune_and_test(settings: DemoSettings, data: Path, seed: int, method: str
         kwargs.update(masks=str(store),
                       alignment_kind=CRITIC_KIND, alignment_ratio=ratio)
         dm = GuidanceDataModule(**kwargs)
-    trainer = _trainer(settings, out, settings.finetune_epochs, limit_val_batches=0)
+    epochs = settings.full_split_epochs if full else settings.finetune_epochs
+    trainer = _trainer(settings, out, epochs, limit_val_batches=0)
     trainer.fit(model, dm)
     model.relevance = AttnLRP()  # alignment is measured with the same method for every row of the table
     trainer.test(model, dm, verbose=False)

@@ -40,15 +40,17 @@ BOOTSTRAP_DRAWS = 10_000
 
 
 def _class_split_accuracy(res: dict[str, Any], who: str) -> dict[str, float]:
-    """OOD top-1 on the fine-tuning classes and on the held-out ones, from the per-group results
-    (group names are "<class>|<background>")."""
+    """OOD top-1 on the fine-tuning classes and on the held-out ones (the paper's Table 4), from the per-group
+    results (group names are "<class>|<background>"); nothing when every class was fine-tuned."""
     groups = res["splits"].get("test_ood", {}).get("groups", {})
     chosen = set(res.get("fine_tuning_classes") or [])
-    out = {}
+    out: dict[str, float] = {}
+    if not chosen or chosen >= {name.split("|")[0] for name in groups}:
+        return out  # every class fine-tuned: both columns would repeat OOD top-1 or be empty
     for label, inside in zip(CLASS_SPLIT_LABELS, (True, False)):
         items = [g for name, g in groups.items() if who in g and (name.split("|")[0] in chosen) == inside]
         count = sum(g["count"] for g in items)
-        if chosen and count and (inside or len(chosen) < len({n.split("|")[0] for n in groups})):
+        if count:
             out[label] = sum(g["count"] * g[who] for g in items) / count
     return out
 
