@@ -173,7 +173,8 @@ def test_mask_stage_pipeline_reproduces_the_benchmark_masks_run(demo_run: Path) 
     assert ours == theirs
 
 
-def test_decoy_demo_runs_the_critique_stage_and_reports_mu_align(tmp_path: Path) -> None:
+def test_decoy_demo_runs_the_critique_stage_and_reports_mu_align(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
     """`--decoy_only --critic pipeline`: LVLM-VA's masks come from the critique stage (sampling, attribution,
     PPEPS-WGM, oracle critic on the decoy masks), and every row gets the OOD mean group accuracy and mu_align."""
     from cft_lightning.data.mask_store import MaskStore
@@ -192,6 +193,10 @@ def test_decoy_demo_runs_the_critique_stage_and_reports_mu_align(tmp_path: Path)
         assert "worst_group_acc" in metrics and "mean_group_acc" in metrics
     header = (out / "summary.md").read_text().splitlines()[0]
     assert "OOD mu_align" in header and "OOD mean group acc" in header
+    err = capsys.readouterr().err  # stderr is not a terminal here: one line per stage instead of bars
+    for line in ("cft demo: seed 0: training the parts model", "cft demo: seed 0: training the shortcut model",
+                 "cft demo: seed 0: fine-tuning lvlm_va (6 images, 1 epochs)", "cft demo: seed 0: testing plain"):
+        assert line in err, err[-2000:]
 
 
 def test_critique_pipeline_needs_a_decoy_benchmark(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -73,7 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--calibrate", action="store_true",
                    help="only build (or load) the starting models and write calibration.md: the criteria of "
                    "docs/demo.md per seed")
-    p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    p.add_argument("--no_progress", action="store_true",
+                   help="no progress bars (they are off anyway when stderr is not a terminal: one line per stage "
+                   "is printed instead)")
     return p
 
 
@@ -140,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
                             images_per_class=args.images_per_class, class_fraction=args.class_fraction,
                             full_split_epochs=args.full_split_epochs, fewshot_pool=args.fewshot_pool,
                             mask_source=args.mask_source, critic=args.critic,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress and sys.stderr.isatty())
     Path(settings.out).mkdir(parents=True, exist_ok=True)
     if args.calibrate:
         _calibrate(settings)

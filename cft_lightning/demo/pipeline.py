@@ -27,7 +27,7 @@ from cft_lightning.data.datamodule import GuidanceDataModule
 from cft_lightning.data.image_folder import GuidanceDataset, build_samples
 from cft_lightning.data.mask_store import MaskStore
 from cft_lightning.data.transforms import build_transforms
-from cft_lightning.demo.start import build_start
+from cft_lightning.demo.start import build_start, stage_note
 from cft_lightning.models import BackboneSpec, GuidedFineTuner
 from cft_lightning.models.backbone import build_backbone, resolve_data_config
 from cft_lightning.regularizers import (
@@ -293,8 +293,12 @@ def finetune_and_test(settings: DemoSettings, data: Path, seed: int, method: str
         dm = GuidanceDataModule(**kwargs)
     epochs = settings.full_split_epochs if full else settings.finetune_epochs
     trainer = _trainer(settings, out, epochs, limit_val_batches=0)
+    images = sum(len(v) for v in dm.selection.train.values())
+    stage_note(f"seed {seed}: fine-tuning {method} ({images} images, {epochs} epochs)",
+               settings.progress)
     trainer.fit(model, dm)
     model.relevance = AttnLRP()  # alignment is measured with the same method for every row of the table
+    stage_note(f"seed {seed}: testing {method} and the Original (ID and OOD)", settings.progress)
     trainer.test(model, dm, verbose=False)
     torch.save(model.backbone.state_dict(), out / "fine_tuned.pth")
     results = json.loads((out / "results.json").read_text())
@@ -338,6 +342,7 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"cft demo: unknown method(s) {unknown}; available: {sorted(METHODS)}")
     out = Path(settings.out)
+    stage_note("checking (or generating) the shortcut-parts benchmark", settings.progress)
     data = build_shortcut_parts(settings.data_dir, settings.benchmark, progress=settings.progress)
     all_results: dict[str, Any] = {}
     starts: dict[str, Any] = {}
