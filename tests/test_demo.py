@@ -10,7 +10,7 @@ from PIL import Image
 
 from cft_lightning.cli import main
 from cft_lightning.demo.pipeline import DemoSettings
-from cft_lightning.demo.report import KEY_METRICS
+from cft_lightning.demo.report import DECISION_METRICS, EVIDENCE_METRICS
 from cft_lightning.demo.start import build_start
 
 TINY = ["--num_classes", "3", "--image_size", "32", "--train_per_class", "12", "--test_per_class", "6",
@@ -33,20 +33,23 @@ def test_demo_writes_summary_results_and_pictures(demo_run: Path, capsys: pytest
     for method in ("plain", "cft"):
         results = json.loads((run / "seed_0" / method / "results.json").read_text())
         assert results["schema"] == "cft_lightning.results/1"
-        assert set(results["splits"]) == {"test_id", "test_ood"}
+        assert set(results["splits"]) == {"test_id", "test_ood", "fewshot"}
+        assert results["splits"]["fewshot"]["num_images"] == 6  # 2 fine-tuning images of each of 3 classes
+        assert {"acc1_background_swapped", "bg_follow", "concept_share"} <= set(results["splits"]["test_id"]["metrics"])
         ood = results["splits"]["test_ood"]["metrics"]
         assert {"acc1", "worst_group_acc", "map"} <= set(ood)
         assert results["splits"]["test_ood"]["num_images"] == 18
-    table = (run / "summary.md").read_text()
-    header = table.splitlines()[0]
-    # every KEY_METRICS column but mu_align (decoy benchmarks only); every class fine-tuned (the default), so
-    # no fine-tuned / held-out split of OOD top-1
-    assert header.count("|") == len(KEY_METRICS) - 1 + 2, header
-    assert "held-out classes" not in header and "mu_align" not in header
-    assert "ID top-1, background swapped" in header and "OOD relevance on concepts" in header
-    assert "Paired differences to original" in table and "Paired differences to plain" in table
-    rows = [line.split("|")[1].strip() for line in table.split("\n\n")[0].splitlines()[2:]]
+    text = (run / "summary.md").read_text()
+    decisions, evidence = text.split("\n\n")[:2]
+    # every decision metric but mu_align (decoy benchmarks only); every class fine-tuned (the default), so no
+    # fine-tuned / held-out split of OOD top-1; then every evidence and reliance metric
+    assert decisions.splitlines()[0].count("|") == len(DECISION_METRICS) - 1 + 2, decisions
+    assert "held-out classes" not in decisions and "mu_align" not in decisions
+    assert evidence.splitlines()[0].count("|") == len(EVIDENCE_METRICS) + 2, evidence
+    rows = [line.split("|")[1].strip() for line in decisions.splitlines()[2:]]
     assert rows == ["original", "plain", "cft"]
+    assert [line.split("|")[1].strip() for line in evidence.splitlines()[2:]] == rows
+    assert "Paired differences to original" in text and "Paired differences to plain" in text
     with Image.open(run / "overlays.png") as im:
         assert im.height > im.width / 4  # two rows of image | mask | 3 overlays
     with Image.open(run / "metrics.png") as im:
@@ -123,7 +126,7 @@ def test_demo_all_methods_from_the_same_pretrained_model(demo_run: Path) -> None
           *TINY])
     start = json.loads((out / "seed_0" / "start.json").read_text())
     assert all(stage["cached"] for stage in start["stages"]), "the starting model was reused"
-    table = (out / "summary.md").read_text().split("\n\n")[0]
+    table = (out / "summary.md").read_text().split("\n\n")[0]  # the decisions table
     rows = [line.split("|")[1].strip() for line in table.splitlines()[2:]]
     assert rows == ["original", *ALL_METHODS]
     for method in ALL_METHODS:

@@ -280,6 +280,9 @@ def finetune_and_test(settings: DemoSettings, data: Path, seed: int, method: str
         batch_size=settings.batch_size, eval_batch_size=64, interventions=True,
     )
     dm = GuidanceDataModule(**kwargs)
+    if not full:  # the fine-tuning images themselves, as a third test split: do their maps move, and the others'?
+        kwargs["test_root"] = {**kwargs["test_root"], "fewshot": str(_link_selection(dm, out / "fewshot_images"))}
+        dm = GuidanceDataModule(**kwargs)
     ratio = getattr(regularizer, "alignment_ratio", None)
     if ratio is not None:  # LVLM-VA: the same few-shot images, the low-entropy half with oracle critic masks
         if settings.critic == "pipeline":
@@ -310,6 +313,17 @@ def finetune_and_test(settings: DemoSettings, data: Path, seed: int, method: str
                                                                "delta": after - before}
         (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
+
+
+def _link_selection(dm: GuidanceDataModule, folder: Path) -> Path:
+    """A folder of links to the few-shot training images (same relative paths, so masks and metadata match)."""
+    for images in dm.selection.train.values():
+        for rel in images:
+            link = folder / rel
+            if not link.exists():
+                link.parent.mkdir(parents=True, exist_ok=True)
+                link.symlink_to((Path(dm.root) / rel).resolve())
+    return folder
 
 
 def mask_store(settings: DemoSettings, data: Path) -> Path:
