@@ -202,7 +202,7 @@ def main(args: list[str] | None = None) -> None:
         command = importlib.import_module(TOOLS[argv[0]]).main
         try:
             command(argv[1:])
-        except (DataError, BackboneError, UnsupportedModelError, ValueError, ImportError) as err:
+        except (DataError, BackboneError, UnsupportedModelError, ValueError, ImportError, FileNotFoundError) as err:
             if os.environ.get("CFT_DEBUG"):
                 raise
             print(f"cft: error: {err}", file=sys.stderr)

@@ -207,3 +207,18 @@ def test_critique_pipeline_needs_a_decoy_benchmark(tmp_path: Path, capsys: pytes
         main(["demo", "--out", str(tmp_path / "run"), "--data_dir", str(tmp_path / "data"), "--methods", "lvlm_va",
               "--critic", "pipeline", "--overlays", "0", *TINY])
     assert "needs a decoy benchmark" in capsys.readouterr().err
+
+
+def test_report_rewrites_the_summary_from_results_on_disk(demo_run: Path, capsys: pytest.CaptureFixture) -> None:
+    """`--report` trains nothing and gives the same tables; a method never run is a one-line error naming
+    its missing results file."""
+    run = demo_run / "run"
+    before = (run / "summary.md").read_text()
+    (run / "summary.md").unlink()
+    main(["demo", "--out", str(run), "--data_dir", str(demo_run / "data"), "--methods", "plain", "cft", "--report",
+          "--overlays", "0", *TINY])
+    assert (run / "summary.md").read_text() == before
+    with pytest.raises(SystemExit) as info:
+        main(["demo", "--out", str(run), "--methods", "plain", "rrr", "--report", *TINY])
+    assert info.value.code != 0
+    assert "seed_0/rrr/results.json does not exist" in capsys.readouterr().err

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from cft_lightning.benchmarks import ShortcutPartsSpec
-from cft_lightning.demo.pipeline import METHOD_GROUPS, METHODS, DemoSettings, run_demo
+from cft_lightning.demo.pipeline import METHOD_GROUPS, METHODS, DemoSettings, collect, run_demo
 
-__all__ = ["DemoSettings", "main", "run_demo"]
+__all__ = ["DemoSettings", "collect", "main", "run_demo"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -71,6 +71,9 @@ def _parser() -> argparse.ArgumentParser:
                    "grounded; the oracle grounder stands in for Grounded-SAM) (default: %(default)s)")
     p.add_argument("--data_dir", default=None, help="benchmark folder (default: the package cache)")
     p.add_argument("--overlays", type=int, default=6, help="relevance overlays to draw (default: %(default)s)")
+    p.add_argument("--report", action="store_true",
+                   help="train nothing: rewrite the summary, tables and pictures from the results already in --out "
+                   "for --seeds and --methods (e.g. after runs of method subsets in parallel into one folder)")
     p.add_argument("--calibrate", action="store_true",
                    help="only build (or load) the starting models and write calibration.md: the criteria of "
                    "docs/demo.md per seed")
@@ -148,7 +151,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.calibrate:
         _calibrate(settings)
         return
-    summary = run_demo(settings)
+    if args.report:
+        summary = collect(settings)
+    else:
+        summary = run_demo(settings)
     table = summarize(summary["results"])
     text = summary_markdown(table)
     comparisons = {base: paired(summary["results"], base) for base in ("original", "plain")}

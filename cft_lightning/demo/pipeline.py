@@ -50,6 +50,7 @@ __all__ = [
     "METHOD_GROUPS",
     "TABLE7_METHODS",
     "DemoSettings",
+    "collect",
     "oracle_critic_store",
     "run_demo",
 ]
@@ -348,6 +349,31 @@ def mask_store(settings: DemoSettings, data: Path) -> Path:
         generate_masks(images_by_class(data / "images" / split), bank, grounder, out / "masks",
                        progress=settings.progress)
     return out / "masks"
+
+
+def collect(settings: DemoSettings) -> dict[str, Any]:
+    """The summary `run_demo` returns, read back from the results already in `settings.out` (nothing trained);
+    a seed or method without results is an error naming the missing file."""
+    out = Path(settings.out)
+    results: dict[str, Any] = {}
+    starts: dict[str, Any] = {}
+    for seed in settings.seeds:
+        seed_dir = out / f"seed_{seed}"
+        for method in settings.methods:
+            path = seed_dir / method / "results.json"
+            if not path.is_file():
+                raise FileNotFoundError(f"cft demo --report: {path} does not exist; run seed {seed}, method "
+                                        f"{method} first (or leave it out of --seeds / --methods)")
+            results.setdefault(str(seed), {})[method] = json.loads(path.read_text())
+        if (seed_dir / "start.json").is_file():
+            starts[str(seed)] = json.loads((seed_dir / "start.json").read_text())
+    previous = out / "summary.json"
+    data = json.loads(previous.read_text())["data"] if previous.is_file() else str(
+        build_shortcut_parts(settings.data_dir, settings.benchmark, progress=settings.progress))
+    summary = {"settings": {**asdict(settings), "benchmark": asdict(settings.benchmark)}, "data": data,
+               "starts": starts, "results": results}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
 
 
 def run_demo(settings: DemoSettings) -> dict[str, Any]:
