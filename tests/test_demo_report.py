@@ -58,3 +58,27 @@ def test_paired_differences_are_taken_per_seed(tmp_path: Path) -> None:
     assert summary["original"]["OOD top-1"][0] == pytest.approx(0.30)
     path = bar_chart(summary, tmp_path / "metrics.png", diffs)
     assert path.stat().st_size > 1000
+
+
+def _stage(stage: str, id_acc: float, ood: float, probe: float) -> dict:
+    return {"recipe": {"stage": stage}, "train_seconds": 1.0,
+            "profile": {"test_id_acc1": id_acc, "test_ood_acc1": ood, "bg_follow": 0.5, "probe_ood_acc1": probe}}
+
+
+def test_calibration_criteria_are_checked_per_seed() -> None:
+    from cft_lightning.demo import calibration
+
+    good = {"stages": [_stage("parts", 0.6, 0.55, 0.56), _stage("shortcut", 0.95, 0.35, 0.50)]}
+    forgot = {"stages": [_stage("parts", 0.6, 0.55, 0.56), _stage("shortcut", 0.95, 0.35, 0.30)]}
+    no_shortcut = {"stages": [_stage("parts", 0.6, 0.45, 0.5), _stage("shortcut", 0.85, 0.44, 0.5)]}
+    scratch = {"stages": [_stage("scratch", 0.95, 0.2, 0.3)]}
+    assert all(calibration.check(good).values())
+    assert calibration.check(forgot) == {"parts_known": True, "id_high": True, "leans_on_shortcut": True,
+                                         "parts_still_decodable": False}
+    verdict = calibration.check(no_shortcut)
+    assert not verdict["id_high"] and not verdict["leans_on_shortcut"] and verdict["parts_known"]
+    assert calibration.check(scratch) is None  # the criteria are those of the pretrained start
+    starts = {"0": good, "1": forgot, "2": scratch}
+    assert calibration.failed(starts) == ["seed 1: " + dict(calibration.CRITERIA)["parts_still_decodable"]]
+    text = calibration.calibration_markdown(starts)
+    assert text.count("| 0 | ") == 2 and "**no**" in text and "| 2 | scratch |" in text
