@@ -449,3 +449,29 @@ def test_cft_test_on_two_ddp_processes_equals_one(smoke: Path, tmp_path: Path) -
     assert found["2"]["num_images"] == found["1"]["num_images"] == 9
     for key in (*KEYS, "acc1"):
         assert found["2"]["metrics"][key] == found["1"]["metrics"][key], key
+
+
+def test_a_part_that_sticks_out_is_painted_over_by_the_background_and_the_margin_takes_the_rim() -> None:
+    """A concept inside the object takes the object's colour, one outside it the background's (no outline of a
+    horn is left); the hole grows by `margin` px, so an anti-aliased rim around the concept goes too, and
+    nothing beyond the margin changes."""
+    size = 32
+    images = torch.full((1, 3, size, size), -1.0)  # background
+    obj = square(1, size, 8, 24)
+    images[:, :, 8:24, 8:24] = 0.0  # the body
+    concept = torch.zeros(1, size, size, dtype=torch.bool)
+    concept[:, 14:18, 14:18] = True  # an eye, inside the body
+    concept[:, 2:8, 14:18] = True  # a horn, above the body (outside the object mask)
+    obj = obj | concept
+    images[:, :, 14:18, 14:18] = 3.0
+    images[:, :, 2:8, 14:18] = 3.0
+    images[:, :, 1, 14:18] = 1.5  # the horn's anti-aliased tip, just outside its mask
+    out = remove_concepts(images, concept, obj, margin=1)
+    assert torch.allclose(out[:, :, 14:18, 14:18], torch.zeros(1, 3, 4, 4), atol=1e-4)  # body colour
+    # the horn away from the body: background colour (its base, next to the body, may take the body's)
+    assert torch.allclose(out[:, :, 2:6, 14:18], torch.full((1, 3, 4, 4), -1.0), atol=1e-4)
+    assert float(out[0, 0, 1, 15]) == pytest.approx(-1.0, abs=1e-4)  # the rim is gone
+    changed = (out != images).any(dim=1)[0]
+    grown = F.max_pool2d(concept[:, None].float(), 3, 1, 1)[0, 0] > 0
+    assert not changed[~grown].any()  # nothing beyond the 1-px margin
+    assert torch.equal(remove_concepts(images, concept, obj, margin=0)[:, :, 1], images[:, :, 1])

@@ -19,14 +19,16 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from cft_lightning.data.donors import foreground_kind
 
-__all__ = ["INTERVENTIONS", "fill_region", "intervene", "remove_concepts", "swap_background"]
+__all__ = ["INTERVENTIONS", "dilate", "fill_region", "intervene", "remove_concepts", "swap_background"]
 
 INTERVENTIONS = ("concepts_removed", "background_swapped")
 SIGMA_FRACTION = 1 / 8  # default Gaussian sigma of the fill, as a fraction of the shorter image side
+CHOICE_SIGMA_FRACTION = 1 / 32  # remove_concepts: the scale at which the nearer source (object/context) is chosen
 _SUPPORT_EPS = 1e-6  # G*(K) below this counts as "no known pixel nearby" (G sums to 1, so G*(K) is in [0, 1])
 
 
@@ -105,35 +107,66 @@ def fill_region(images: Tensor, hole: Tensor, known: Tensor | None = None, sigma
     return torch.where(hole[:, None], fill.to(images.dtype), images)
 
 
-def remove_concepts(images: Tensor, concept: Tensor, object_mask: Tensor | None = None,
-                    sigma: float | None = None) -> Tensor:
-    """The images with their concept pixels filled from the object's own colour.
+def dilate(mask: Tensor, pixels: int) -> Tensor:
+    """Grow a (B, H, W) bool mask by `pixels` in every direction (a square structuring element): holes then
+    cover the anti-aliased rim a drawn or segmented mask leaves just outside the object."""
+    if pixels <= 0:
+        return mask
+    grown = F.max_pool2d(mask[:, None].float(), kernel_size=2 * pixels + 1, stride=1, padding=pixels)
+    return grown[:, 0] > 0.5
 
-    The source is the object's non-concept pixels (`object_mask` and not `concept`); for an image without an
-    object mask, or whose object is all concept, it is every non-concept pixel. Pixels outside the concept
-    mask are unchanged. Shapes as in `fill_region`.
+
+def default_margin(images: Tensor) -> int:
+    """The hole margin of the interventions: 1 px per 64 px of the shorter side (1 px at 64, 3 px at 224)."""
+    return max(1, round(min(images.shape[-2:]) / 64))
+
+
+def remove_concepts(images: Tensor, concept: Tensor, object_mask: Tensor | None = None,
+                    sigma: float | None = None, margin: int | None = None) -> Tensor:
+    """The images with their concept pixels (grown by `margin` px) filled from what surrounds them.
+
+    With an object mask, each hole pixel takes the colour of the nearer of two sources, the object's own
+    non-concept pixels or the background (the larger Gaussian support at a small scale wins): a concept
+    inside the object (an eye, a belly pattern) is painted over in the object's colour, a part that sticks
+    out of it (a horn, a tail fin) in the background's, so neither its texture nor its outline remains.
+    Without an object mask (or when the object is all concept) the hole is filled from every non-concept
+    pixel. Pixels outside the hole are unchanged. Shapes as in `fill_region`.
     """
-    concept = _as_masks(images, concept, "concept mask")
-    known = ~concept
-    if object_mask is not None:
-        body = _as_masks(images, object_mask, "object mask") & ~concept
-        known = torch.where(body.flatten(1).any(dim=1)[:, None, None], body, known)
-    return fill_region(images, concept, known, sigma)
+    margin = default_margin(images) if margin is None else margin
+    hole = dilate(_as_masks(images, concept, "concept mask"), margin)
+    plain = fill_region(images, hole, ~hole, sigma)
+    if object_mask is None:
+        return plain
+    obj = _as_masks(images, object_mask, "object mask")
+    body, context = obj & ~hole, ~obj & ~hole
+    # which source is nearer: a local comparison (sigma of 1/32 of the side, 2 px at 64 px), not the fill's
+    # wide blur, under which the larger background would win next to every edge
+    near = CHOICE_SIGMA_FRACTION * min(images.shape[-2:])
+    support = _gaussian_blur(torch.stack([body, context], dim=1).to(images.dtype if images.is_floating_point()
+                                                                     else torch.float32), float(near))
+    from_body = fill_region(images, hole, body, sigma)
+    from_context = fill_region(images, hole, context, sigma)
+    use_body = (support[:, :1] >= support[:, 1:]) & body.flatten(1).any(dim=1)[:, None, None, None]
+    two_sources = torch.where(use_body, from_body, from_context)
+    has_both = (body.flatten(1).any(dim=1) & context.flatten(1).any(dim=1))[:, None, None, None]
+    return torch.where(has_both, two_sources, plain)
 
 
 def swap_background(images: Tensor, foreground: Tensor, donor_images: Tensor, donor_foreground: Tensor,
-                    sigma: float | None = None) -> Tensor:
+                    sigma: float | None = None, margin: int | None = None) -> Tensor:
     """Each image's foreground on its donor's background: fg_i * x_i + (1 - fg_i) * bg_j.
 
-    bg_j is donor j with its own foreground filled from its background (`fill_region`), so no part of the
-    donor's object shows through where image i's foreground is smaller. `donor_images[i]` is the donor of
-    image i (the Dataset picks it; see `GuidanceDataset(donors=True)`).
+    bg_j is donor j with its own foreground (grown by `margin` px, so no outline of it remains) filled from its
+    background (`fill_region`), so no part of the donor's object shows through where image i's foreground is
+    smaller. `donor_images[i]` is the donor of image i (the Dataset picks it; see
+    `GuidanceDataset(donors=True)`).
     """
     if donor_images.shape != images.shape:
         raise ValueError(f"donor images {tuple(donor_images.shape)} differ from the images {tuple(images.shape)}")
+    margin = default_margin(images) if margin is None else margin
     fg = _as_masks(images, foreground, "foreground mask")[:, None].to(images.dtype)
-    background = fill_region(donor_images, _as_masks(donor_images, donor_foreground, "donor foreground mask"),
-                             sigma=sigma)
+    donor_hole = dilate(_as_masks(donor_images, donor_foreground, "donor foreground mask"), margin)
+    background = fill_region(donor_images, donor_hole, sigma=sigma)
     return fg * images + (1.0 - fg) * background
 
 
