@@ -87,7 +87,7 @@ def test_scratch_start_trains_on_the_biased_split_only(demo_run: Path) -> None:
     from cft_lightning.benchmarks import ShortcutPartsSpec
 
     spec = ShortcutPartsSpec(num_classes=3, image_size=32, train_per_class=12, test_per_class=6)
-    start = build_start(DemoSettings(benchmark=spec, start="scratch", pretrain_epochs=1, progress=False),
+    start = build_start(DemoSettings(benchmark=spec, start="scratch", scratch_epochs=1, progress=False),
                         demo_run / "data", 0, demo_run / "scratch")
     assert [s["recipe"]["stage"] for s in start["stages"]] == ["scratch"]
     assert start["stages"][0]["recipe"]["data"]["spurious_rate"] == spec.spurious_rate

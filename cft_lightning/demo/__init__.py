@@ -49,7 +49,9 @@ def _parser() -> argparse.ArgumentParser:
                    "backgrounds, then the biased split (the paper's regime); 'scratch' only the biased split "
                    "(default: %(default)s)")
     p.add_argument("--pretrain_epochs", type=int, default=d.pretrain_epochs,
-                   help="stage 1 of the pretrained start (parts), or the scratch start (default: %(default)s)")
+                   help="stage 1 of the pretrained start (parts) (default: %(default)s)")
+    p.add_argument("--scratch_epochs", type=int, default=d.scratch_epochs,
+                   help="the one stage of the scratch start (default: %(default)s)")
     p.add_argument("--pretrain_lr", type=float, default=d.pretrain_lr)
     p.add_argument("--shortcut_epochs", type=int, default=d.shortcut_epochs,
                    help="stage 2 of the pretrained start, on the biased split (default: %(default)s)")
@@ -140,6 +142,7 @@ def main(argv: list[str] | None = None) -> None:
                                   decoy_side=args.decoy_side or (args.image_size // 6 if args.decoy_only else None))
     settings = DemoSettings(out=args.out, seeds=args.seeds, methods=args.methods, benchmark=benchmark,
                             data_dir=args.data_dir, start=args.start, pretrain_epochs=args.pretrain_epochs,
+                            scratch_epochs=args.scratch_epochs,
                             pretrain_lr=args.pretrain_lr, shortcut_epochs=args.shortcut_epochs,
                             shortcut_lr=args.shortcut_lr,
                             finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,

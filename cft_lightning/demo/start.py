@@ -218,8 +218,8 @@ def build_start(settings: DemoSettings, data: Path, seed: int, out: Path) -> Sta
     up_data = build_shortcut_parts(None, upstream, progress=settings.progress)
     if settings.start == "scratch":
         recipe = {**base, "stage": "scratch", "data": asdict(settings.benchmark),
-                  "epochs": settings.pretrain_epochs, "lr": settings.pretrain_lr}
-        stages.append(_stage(settings, "scratch", recipe, data, data, up_data, seed, settings.pretrain_epochs,
+                  "epochs": settings.scratch_epochs, "lr": settings.pretrain_lr}
+        stages.append(_stage(settings, "scratch", recipe, data, data, up_data, seed, settings.scratch_epochs,
                              settings.pretrain_lr, None, out / "start"))
     else:
         recipe = {**base, "stage": "parts", "data": asdict(upstream), "epochs": settings.pretrain_epochs,
