@@ -65,11 +65,14 @@ def upstream_spec(benchmark: ShortcutPartsSpec) -> ShortcutPartsSpec:
                    test_per_class=1)
 
 
-def stage_note(message: str, progress: bool) -> None:
-    """One line per stage on stderr when the output is not a terminal (a log file, CI): progress bars are
-    off there, and a long silent stage looks hung."""
-    if not progress or not sys.stderr.isatty():
-        print(f"cft demo: {message}", file=sys.stderr, flush=True)
+_T0 = time.perf_counter()
+
+
+def stage_note(message: str, progress: bool = False) -> None:
+    """One line per stage on stderr, with the time since the command started, terminal or not: a long stage
+    with no output looks hung, and a log file gets no progress bars. (`progress` is kept for callers; the
+    line is printed either way.)"""
+    print(f"cft demo: {message} [{time.perf_counter() - _T0:.0f} s]", file=sys.stderr, flush=True)
 
 
 def _cache_dir() -> Path:
