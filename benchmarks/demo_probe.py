@@ -6,6 +6,7 @@
     python benchmarks/demo_probe.py changes runs/demo5 --methods plain cft cft_frozen --seeds 0 1 2 3 4
     # does the CFT loss go down at all? the loss along its own gradient, and full-batch AdamW at several lrs
     python benchmarks/demo_probe.py descent --seeds 0 --lrs 1e-4 1e-5 1e-6 --steps 100
+    python benchmarks/demo_probe.py descent --seeds 0 --lrs 1e-4 --frozen patch_embed pos_embed cls_token blocks.0
 
 Both read the starting models from the demo's cache (`cft demo --calibrate` builds them) with the demo's
 default settings; `grads` uses the default few-shot selection (P = 3 images of every class).
@@ -172,13 +173,16 @@ def _cft_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[s
                        "near_min": float((phi < 0.05).float().mean())}
 
 
-def descent(seeds: list[int], lrs: list[float], steps: int) -> None:
+def descent(seeds: list[int], lrs: list[float], steps: int, frozen: list[str] | None = None) -> None:
     settings = DemoSettings(progress=False)
     data = build_shortcut_parts(None, settings.benchmark, progress=False)
     for seed in seeds:
         start = build_start(settings, data, seed, Path("/tmp") / f"demo_probe_seed_{seed}")
         model = build_backbone(settings.backbone(str(start.weights))).eval()
         few, held = _fewshot_and_heldout(settings, data, seed, model)
+        for name, p in model.named_parameters():
+            if any(name == f or name.startswith(f + ".") for f in frozen or []):
+                p.requires_grad_(False)
         params = [p for p in model.parameters() if p.requires_grad]
         theta = [p.detach().clone() for p in params]
         loss, before = _cft_loss(model, few)
@@ -243,11 +247,13 @@ def main() -> None:
     d.add_argument("--seeds", type=int, nargs="+", default=[0])
     d.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 1e-5, 1e-6])
     d.add_argument("--steps", type=int, default=100)
+    d.add_argument("--frozen", nargs="*", default=[], help="parameter prefixes kept fixed (e.g. patch_embed pos_embed "
+                   "cls_token blocks.0)")
     args = parser.parse_args()
     if args.command == "grads":
         grads(args.seeds)
     elif args.command == "descent":
-        descent(args.seeds, args.lrs, args.steps)
+        descent(args.seeds, args.lrs, args.steps, args.frozen)
     else:
         changes(args.run, args.methods, args.seeds)
 
