@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -320,7 +321,10 @@ def finetune_and_test(settings: DemoSettings, data: Path, seed: int, method: str
 
 
 def _link_selection(dm: GuidanceDataModule, folder: Path) -> Path:
-    """A folder of links to the few-shot training images (same relative paths, so masks and metadata match)."""
+    """A folder of links to the few-shot training images (same relative paths, so masks and metadata match),
+    made anew each time (a rerun with another selection must not test the union)."""
+    if folder.exists():
+        shutil.rmtree(folder)
     for images in dm.selection.train.values():
         for rel in images:
             link = folder / rel
