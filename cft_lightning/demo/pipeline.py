@@ -73,6 +73,8 @@ METHODS: dict[str, Any] = {
     # longer counts as "off"), the prediction explained instead of the label, the input end frozen, and
     # masks for the whole training split instead of a few images
     "cft_posmax": lambda: (CFT(), AttnLRP(normalize="positive_max")),
+    # the release's loss form: BCE averaged over all cells, so the (large) background outweighs the concepts
+    "cft_release": lambda: (CFT(loss_form="release"), AttnLRP()),
     "cft_self": lambda: (CFT(relevance_target="self"), AttnLRP()),
     "cft_frozen": lambda: (CFT(), AttnLRP()),
     "cft_full": lambda: (CFT(), AttnLRP()),
@@ -105,7 +107,7 @@ METHOD_OPTIONS: dict[str, dict[str, Any]] = {
 ALL_METHODS = ["plain", "object", "cft", "cft_cp", "cft_rollout", "rrr", "gradmask", "rrda", "robust_vit",
                "lvlm_va", "rrda_full"]
 # `cft demo --methods probes`: the variants that ask why CFT moves maps but not decisions
-PROBE_METHODS = ["cft", "cft_gt", "cft_self", "cft_posmax", "cft_frozen", "cft_full"]
+PROBE_METHODS = ["cft", "cft_gt", "cft_self", "cft_posmax", "cft_release", "cft_frozen", "cft_full"]
 # `cft demo --methods table7`: CFT with each relevance method (the paper's Table 7 ablation)
 TABLE7_METHODS = ["cft", "cft_rollout", "cft_iia", "cft_gradcam", "cft_ixg"]
 METHOD_GROUPS = {"all": ALL_METHODS, "table7": TABLE7_METHODS, "probes": PROBE_METHODS}

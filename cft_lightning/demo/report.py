@@ -40,7 +40,8 @@ CLASS_SPLIT_LABELS = ("OOD top-1, fine-tuned classes", "OOD top-1, held-out clas
 CHART_METRICS = ("OOD top-1", "OOD WGA", "ID top-1", "OOD relevance mAP")
 # the paired-difference table and chart: what a repair must move, and what it must not cost
 PAIRED_METRICS = ("OOD top-1", "ID top-1", "OOD WGA", "OOD relevance mAP", "OOD relevance on concepts",
-                  "ID top-1, concepts removed", "ID top-1, background swapped", "ID follows swapped background")
+                  "fine-tuning images: relevance on concepts", "ID top-1, concepts removed",
+                  "ID top-1, background swapped", "ID follows swapped background")
 BOOTSTRAP_DRAWS = 10_000
 
 
@@ -213,20 +214,25 @@ def bar_chart(summary: dict[str, dict[str, tuple[float, float, int]]], path: Pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = list(CHART_METRICS)
     rows = list(summary)
+    # a metric that is 0 (or absent) for every row (WGA when no model gets every group right) is left out
+    labels = [label for label in CHART_METRICS
+              if any(summary[row].get(label, (0.0, 0, 0))[0] > 0 for row in rows)]
     width = 0.8 / max(len(rows), 1)
+    colours = plt.get_cmap("tab20" if len(rows) > 10 else "tab10")
     panels = 2 if diffs else 1
-    fig, axes = plt.subplots(1, panels, figsize=(8 + 5 * (panels - 1), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, panels, figsize=(8 + 5 * (panels - 1), 3.8 + 0.12 * max(0, len(rows) - 8)),
+                             squeeze=False)
     ax = axes[0, 0]
     for i, row in enumerate(rows):
         means = [100 * summary[row].get(label, (np.nan, 0, 0))[0] for label in labels]
         stds = [100 * summary[row].get(label, (0, 0, 0))[1] for label in labels]
-        ax.bar(np.arange(len(labels)) + i * width, means, width, yerr=stds, label=row, capsize=2)
+        ax.bar(np.arange(len(labels)) + i * width, means, width, yerr=stds, label=row, capsize=2,
+               color=colours(i % colours.N), error_kw={"elinewidth": 0.8})
     ax.set_xticks(np.arange(len(labels)) + width * (len(rows) - 1) / 2, labels, fontsize=8)
     ax.set_ylabel("% (mean ± std over seeds)")
     ax.set_ylim(0, 100)
-    ax.legend(ncol=min(len(rows), 6), fontsize=7, loc="upper center", bbox_to_anchor=(0.5, 1.22))
+    ax.legend(ncol=min(len(rows), 6), fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
     if diffs:
         ax = axes[0, 1]
         methods = list(diffs)
@@ -246,7 +252,7 @@ def bar_chart(summary: dict[str, dict[str, tuple[float, float, int]]], path: Pat
         ax.set_yticks(range(len(methods)), methods, fontsize=8)
         ax.invert_yaxis()
         ax.set_xlabel(f"paired difference to {baseline}, points (95 % bootstrap over seeds)")
-        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, 1.22), ncol=len(metrics))
+        ax.legend(fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(metrics), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
