@@ -24,13 +24,21 @@ __all__ = ["DemoSettings", "collect", "main", "run_demo"]
 def _parser() -> argparse.ArgumentParser:
     d = DemoSettings()
     b = ShortcutPartsSpec()
-    p = argparse.ArgumentParser(prog="cft demo", description="Repair a shortcut model with guided fine-tuning, on CPU.")
+    p = argparse.ArgumentParser(
+        prog="cft demo",
+        description="Does guided fine-tuning repair a shortcut? A starting model that knows the parts but leans on "
+        "the background, fine-tuned by each method and tested with the decision-reliance diagnostics, on CPU "
+        "(docs/demo.md).")
     p.add_argument("--out", default=d.out, help="output folder (default: %(default)s)")
-    p.add_argument("--seeds", type=int, nargs="+", default=d.seeds, help="seeds to run (default: %(default)s)")
+    p.add_argument("--seeds", type=int, nargs="+", default=d.seeds,
+                   help="seeds to run; each has its own starting model and few-shot draw (default: %(default)s)")
     groups = "; ".join(f"{name} = {' '.join(members)}" for name, members in METHOD_GROUPS.items())
     p.add_argument("--methods", nargs="+", default=d.methods, choices=[*sorted(METHODS), *METHOD_GROUPS],
-                   help=f"fine-tuning methods compared on the same pretrained model (default: %(default)s; {groups})")
-    p.add_argument("--spurious_rate", type=float, default=b.spurious_rate, help="background = class rate in training")
+                   metavar="METHOD",
+                   help=f"fine-tuning methods compared on the same starting model (default: %(default)s): "
+                   f"{', '.join(sorted(METHODS))}; or a group: {groups} (docs/demo.md)")
+    p.add_argument("--spurious_rate", type=float, default=b.spurious_rate,
+                   help="share of train/val/ID-test images on their class's background (default: %(default)s)")
     p.add_argument("--decoy", action="store_true", help="also draw a class-coloured decoy square")
     p.add_argument("--decoy_only", action="store_true",
                    help="DecoyMNIST-style: the decoy alone carries the class (backgrounds at random)")
@@ -40,10 +48,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--critic", default=d.critic, choices=["oracle_mask", "pipeline"],
                    help="lvlm_va's corrective masks: the background mask (oracle_mask), or the critique stage "
                    "with the oracle critic on the decoy masks (pipeline) (default: %(default)s)")
-    p.add_argument("--num_classes", type=int, default=b.num_classes)
-    p.add_argument("--image_size", type=int, default=b.image_size)
-    p.add_argument("--train_per_class", type=int, default=b.train_per_class)
-    p.add_argument("--test_per_class", type=int, default=b.test_per_class)
+    p.add_argument("--num_classes", type=int, default=b.num_classes,
+                   help="benchmark classes, 2-10 (default: %(default)s)")
+    p.add_argument("--image_size", type=int, default=b.image_size, help="image side in pixels (default: %(default)s)")
+    p.add_argument("--train_per_class", type=int, default=b.train_per_class,
+                   help="training images per class (default: %(default)s)")
+    p.add_argument("--test_per_class", type=int, default=b.test_per_class,
+                   help="images per class in each test split (default: %(default)s)")
     p.add_argument("--start", default=d.start, choices=["pretrained", "scratch"],
                    help="the starting model: 'pretrained' learns the parts on upstream images with uninformative "
                    "backgrounds, then the biased split (the paper's regime); 'scratch' only the biased split "
@@ -52,12 +63,16 @@ def _parser() -> argparse.ArgumentParser:
                    help="stage 1 of the pretrained start (parts) (default: %(default)s)")
     p.add_argument("--scratch_epochs", type=int, default=d.scratch_epochs,
                    help="the one stage of the scratch start (default: %(default)s)")
-    p.add_argument("--pretrain_lr", type=float, default=d.pretrain_lr)
+    p.add_argument("--pretrain_lr", type=float, default=d.pretrain_lr,
+                   help="learning rate of stage 1 and of the scratch start (default: %(default)s)")
     p.add_argument("--shortcut_epochs", type=int, default=d.shortcut_epochs,
                    help="stage 2 of the pretrained start, on the biased split (default: %(default)s)")
-    p.add_argument("--shortcut_lr", type=float, default=d.shortcut_lr)
-    p.add_argument("--finetune_epochs", type=int, default=d.finetune_epochs)
-    p.add_argument("--finetune_lr", type=float, default=d.finetune_lr)
+    p.add_argument("--shortcut_lr", type=float, default=d.shortcut_lr,
+                   help="learning rate of stage 2 (default: %(default)s)")
+    p.add_argument("--finetune_epochs", type=int, default=d.finetune_epochs,
+                   help="fine-tuning epochs of every few-shot method (default: %(default)s, the paper's)")
+    p.add_argument("--finetune_lr", type=float, default=d.finetune_lr,
+                   help="AdamW learning rate of every method (default: %(default)s)")
     p.add_argument("--images_per_class", type=int, default=d.images_per_class,
                    help="P: fine-tuning images per class (default: %(default)s, the paper's)")
     p.add_argument("--class_fraction", type=float, default=d.class_fraction,
@@ -71,7 +86,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--mask_source", default=d.mask_source, choices=["benchmark", "pipeline"],
                    help="masks for fine-tuning: the benchmark's, or made by the mask stage (concepts validated and "
                    "grounded; the oracle grounder stands in for Grounded-SAM) (default: %(default)s)")
-    p.add_argument("--data_dir", default=None, help="benchmark folder (default: the package cache)")
+    p.add_argument("--data_dir", default=None,
+                   help="benchmark folder (default: $CFT_CACHE or ~/.cache/cft_lightning, where the starting models "
+                   "are cached too)")
     p.add_argument("--overlays", type=int, default=6, help="relevance overlays to draw (default: %(default)s)")
     p.add_argument("--report", action="store_true",
                    help="train nothing: rewrite the summary, tables and pictures from the results already in --out "
