@@ -35,6 +35,7 @@ def test_demo_writes_summary_results_and_pictures(demo_run: Path, capsys: pytest
         assert results["schema"] == "cft_lightning.results/1"
         assert set(results["splits"]) == {"test_id", "test_ood", "fewshot"}
         assert results["splits"]["fewshot"]["num_images"] == 6  # 2 fine-tuning images of each of 3 classes
+        assert results["fine_tuning_classes"] == ["alpha", "beta", "gamma"]  # on disk: --report keeps the split
         assert {"acc1_background_swapped", "bg_follow", "concept_share"} <= set(results["splits"]["test_id"]["metrics"])
         ood = results["splits"]["test_ood"]["metrics"]
         assert {"acc1", "worst_group_acc", "map"} <= set(ood)

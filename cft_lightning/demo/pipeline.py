@@ -313,6 +313,7 @@ def finetune_and_test(settings: DemoSettings, data: Path, seed: int, method: str
     torch.save(model.backbone.state_dict(), out / "fine_tuned.pth")
     results = json.loads((out / "results.json").read_text())
     results["fine_tuning_classes"] = list(dm.fine_tuning_classes)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")  # the class split, for --report
     if settings.benchmark.decoy:  # LVLM-VA's alignment score, before and after, on the OOD split
         before = decoy_alignment(build_backbone(settings.backbone(str(weights))), data)
         after = decoy_alignment(model.backbone, data)
@@ -373,7 +374,11 @@ def collect(settings: DemoSettings) -> dict[str, Any]:
             if not path.is_file():
                 raise FileNotFoundError(f"cft demo --report: {path} does not exist; run seed {seed}, method "
                                         f"{method} first (or leave it out of --seeds / --methods)")
-            results.setdefault(str(seed), {})[method] = json.loads(path.read_text())
+            result = json.loads(path.read_text())
+            selection = seed_dir / method / "fine_tuning_classes.json"  # the data module's record of the split
+            if "fine_tuning_classes" not in result and selection.is_file():
+                result["fine_tuning_classes"] = json.loads(selection.read_text())["fine_tuning_classes"]
+            results.setdefault(str(seed), {})[method] = result
         if (seed_dir / "start.json").is_file():
             starts[str(seed)] = json.loads((seed_dir / "start.json").read_text())
     previous = out / "summary.json"

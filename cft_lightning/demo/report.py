@@ -38,8 +38,10 @@ KEY_METRICS = DECISION_METRICS + EVIDENCE_METRICS
 CLASS_SPLIT_LABELS = ("OOD top-1, fine-tuned classes", "OOD top-1, held-out classes")
 # the bar chart leaves out top-5 (with few classes it is close to 100 for every model)
 CHART_METRICS = ("OOD top-1", "OOD WGA", "ID top-1", "OOD relevance mAP")
-# the paired-difference table and chart: what a repair must move, and what it must not cost
-PAIRED_METRICS = ("OOD top-1", "ID top-1", "OOD WGA", "OOD relevance mAP", "OOD relevance on concepts",
+# the paired-difference table and chart: what a repair must move, and what it must not cost (the class split
+# only when part of the classes was fine-tuned)
+PAIRED_METRICS = ("OOD top-1", "OOD top-1, fine-tuned classes", "OOD top-1, held-out classes", "ID top-1", "OOD WGA",
+                  "OOD relevance mAP", "OOD relevance on concepts",
                   "fine-tuning images: relevance on concepts", "ID top-1, concepts removed",
                   "ID top-1, background swapped", "ID follows swapped background")
 BOOTSTRAP_DRAWS = 10_000
