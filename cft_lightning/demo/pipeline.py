@@ -137,7 +137,7 @@ class DemoSettings:
     shortcut_lr: float = 1e-3
     finetune_epochs: int = 50  # the paper's 50 epochs
     finetune_lr: float = 1e-4
-    images_per_class: int = 3  # the paper's P = 3
+    images_per_class: int = 3  # the paper fine-tunes on three images per class
     class_fraction: float = 1.0  # every class fine-tuned; 0.5: the paper's Table 4 split
     full_split_epochs: int = 2  # methods with METHOD_OPTIONS full_split (1,200 images at the default size)
     fewshot_pool: str = "train"  # "train" (biased, like the rest) or "counterfactual" (off-background only)
