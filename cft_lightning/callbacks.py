@@ -27,6 +27,8 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
+from cft_lightning.tracking import run_dir
+
 __all__ = ["PredictionWriter", "RelevanceOverlays"]
 
 FIELDS = ("path", "label", "pred", "prob", "ref_pred", "ref_prob")
@@ -50,7 +52,7 @@ class PredictionWriter(BasePredictionWriter):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "predict":
             return
-        directory = self.output_dir or trainer.log_dir or trainer.default_root_dir  # every rank asks (broadcast)
+        directory = self.output_dir or run_dir(trainer)  # every rank asks (broadcast)
         name = "predictions.csv" if trainer.world_size == 1 else f"predictions-rank{trainer.global_rank}.csv"
         os.makedirs(directory, exist_ok=True)
         self.path = os.path.join(directory, name)
@@ -111,7 +113,7 @@ class RelevanceOverlays(Callback):
         step = trainer.global_step
         if step % self.every_n_steps:
             return
-        directory = trainer.log_dir or trainer.default_root_dir  # a broadcast: every rank asks
+        directory = run_dir(trainer)  # a broadcast: every rank asks
         if not trainer.is_global_zero:
             return
         relevance = getattr(pl_module, "relevance", None)

@@ -1,182 +1,31 @@
-"""The `cft` command: LightningCLI over `GuidedFineTuner` and `GuidanceDataModule`.
+"""The `cft` command: one entry point for every stage.
 
-    cft fit --config configs/vit_b_cft.yaml
+    cft fit --config configs/vit_b_cft.yaml          # Trainer subcommands: LightningCLI (`_lightning_cli.py`)
     cft test --config configs/vit_b_cft.yaml --ckpt_path last
-    cft fit --config configs/smoke.yaml --print_config
+    cft demo | explain | concepts | masks | critique | sweep   # tools with their own parsers
+    cft --help                                       # every command, one line each
 
-Every plugin (backbone, relevance method, regularizer, logger, callbacks) is chosen in YAML with
-`class_path`/`init_args`. Each run's resolved config is written beside its logs under a name no other
-run uses, with secrets redacted. Configuration and data errors end in one `cft: error: ...` line
-(`CFT_DEBUG=1` shows the traceback instead).
+This module imports nothing heavy: `cft --help` and the tools' `--help` come back without importing Lightning,
+and each command imports what it needs when it runs. Errors a user can fix (bad config or data, an endpoint
+that cannot be reached, a run that produced nothing) end in one `cft: error: ...` line and a non-zero exit:
+1 for a run that produced less than asked (`CommandFailed`), 2 for anything else; `CFT_DEBUG=1` shows the
+traceback instead.
 """
 
 from __future__ import annotations
 
-import glob
+import hashlib
 import importlib
+import io
 import os
-import pickle
-import re
+import shutil
 import sys
 import warnings
-from typing import Any, NoReturn
+from contextlib import redirect_stdout
+from pathlib import Path
+from typing import Any
 
-import yaml
-from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
-
-from cft_lightning.callbacks import PredictionWriter
-from cft_lightning.data.datamodule import GuidanceDataModule
-from cft_lightning.data.errors import DataError
-from cft_lightning.models.backbone import BackboneError
-from cft_lightning.models.fine_tuner import GuidedFineTuner, NonFiniteLossError
-from cft_lightning.relevance._vit import UnsupportedModelError
-from cft_lightning.tracking import ensure_wandb_mode, log_config, write_run_summary
-
-__all__ = ["CFTCLI", "RunConfigSaver", "main", "redact"]
-
-_SECRET_KEY = re.compile(r"(api[_-]?key|secret|token|password|credential)", re.IGNORECASE)
-REDACTED = "<redacted>"
-
-
-def redact(config: Any) -> Any:
-    """A copy of a nested config with the values of secret-looking keys (api_key, token, ...) replaced."""
-    if isinstance(config, dict):
-        return {
-            k: (REDACTED if isinstance(k, str) and _SECRET_KEY.search(k) and v not in (None, "") else redact(v))
-            for k, v in config.items()
-        }
-    if isinstance(config, list):
-        return [redact(v) for v in config]
-    return config
-
-
-def _run_dir(trainer: Trainer) -> str:
-    """The directory of this run's logs: the logger's versioned dir, or save_dir/name/version for loggers
-    (like W&B) whose `log_dir` is shared between runs. Must be called on every rank (it broadcasts)."""
-    log_dir = trainer.log_dir or trainer.default_root_dir
-    logger = trainer.logger
-    if logger is not None and getattr(logger, "log_dir", None) is None:  # e.g. W&B: trainer.log_dir is save_dir
-        version = getattr(logger, "version", None)
-        if version is not None:
-            log_dir = os.path.join(log_dir, str(getattr(logger, "name", "") or ""), str(version))
-    return log_dir
-
-
-def _free_path(directory: str, stem: str = "config") -> str:
-    path = os.path.join(directory, f"{stem}.yaml")
-    n = 1
-    while os.path.exists(path):
-        path = os.path.join(directory, f"{stem}-{n}.yaml")
-        n += 1
-    return path
-
-
-class RunConfigSaver(SaveConfigCallback):
-    """Writes the resolved config into the run's own directory (`config.yaml`; `config-<n>.yaml` if a resumed
-    or second stage of the same run already wrote one), never overwriting, with secrets redacted."""
-
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if self.already_saved:
-            return
-        run_dir = _run_dir(trainer)
-        if trainer.is_global_zero:
-            os.makedirs(run_dir, exist_ok=True)
-            config = redact(yaml.safe_load(self.parser.dump(self.config, skip_none=False)))
-            path = _free_path(run_dir)
-            tmp = f"{path}.tmp{os.getpid()}"
-            with open(tmp, "w") as fh:
-                yaml.safe_dump(config, fh, sort_keys=False)
-            os.replace(tmp, path)
-            self.saved_path = path
-            log_config(trainer, config)
-            self.save_config(trainer, pl_module, stage)
-            self.already_saved = True
-        self.already_saved = trainer.strategy.broadcast(self.already_saved)
-
-
-def _newest_last_checkpoint(root: str) -> str | None:
-    candidates = glob.glob(os.path.join(root, "**", "last*.ckpt"), recursive=True)
-    return max(candidates, key=os.path.getmtime) if candidates else None
-
-
-class _Parser(LightningArgumentParser):
-    """Config errors as one short message (the full usage is `cft <subcommand> --help`)."""
-
-    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        if not self.exit_on_error or os.environ.get("CFT_DEBUG"):
-            super().error(message, ex)
-        prog = self.prog.replace(" [options]", "")
-        sys.stderr.write(f"cft: error: {message.strip()}\n(options: {prog} --help)\n")
-        raise SystemExit(2)
-
-
-class CFTCLI(LightningCLI):
-    """LightningCLI with the project's defaults and a `--ckpt_path last` that works across processes."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("save_config_callback", RunConfigSaver)
-        kwargs.setdefault("parser_kwargs", {"prog": "cft", "default_env": False})
-        kwargs.setdefault("auto_configure_optimizers", False)
-        kwargs.setdefault("parser_class", _Parser)
-        super().__init__(GuidedFineTuner, GuidanceDataModule, *args, **kwargs)
-
-    def add_arguments_to_parser(self, parser: Any) -> None:
-        parser.add_argument(
-            "--benchmarks", type=str | None, default=None,
-            help="test: benchmarks to run: 'all' (every configured one) or comma-separated names (in_val, in_v2, "
-            "in_a, in_r, in_sketch, objectnet, si_score_location, si_score_rotation, si_score_size, imagenet_seg); "
-            "roots from data.benchmarks or CFT_BENCHMARK_<NAME>",
-        )
-        parser.add_argument(
-            "--test_after_fit", type=bool, default=False,
-            help="fit: then test the best checkpoint (the last weights without a monitored checkpoint) in the same "
-            "run, as one sweep run",
-        )
-
-    def before_instantiate_classes(self) -> None:
-        sub = self.config.get("subcommand")
-        chosen = self.config[sub].get("benchmarks") if sub else None
-        if chosen is not None:
-            self.config[sub].data.benchmark_names = chosen
-        if sub == "fit" and self.config[sub].get("ckpt_path") == "last":
-            # Lightning looks for last.ckpt only in this run's (new) checkpoint folder and would silently start
-            # over; resume from the newest one under default_root_dir instead, or start fresh if there is none.
-            root = self.config[sub].trainer.get("default_root_dir") or os.getcwd()
-            found = _newest_last_checkpoint(root)
-            print(f"cft: resuming from {found}" if found else f"cft: no last*.ckpt under {root!r}: starting fresh",
-                  file=sys.stderr)
-            self.config[sub].ckpt_path = found
-        if sub in ("validate", "test", "predict") and self.config[sub].get("ckpt_path") == "last":
-            root = self.config[sub].trainer.get("default_root_dir") or os.getcwd()
-            found = _newest_last_checkpoint(root)
-            if found is None:
-                raise DataError(
-                    f"--ckpt_path last: no last*.ckpt under {root!r} (trainer.default_root_dir); run `cft fit` "
-                    "with this config first, or pass the checkpoint's path"
-                )
-            print(f"cft: using checkpoint {found}", file=sys.stderr)
-            self.config[sub].ckpt_path = found
-
-    def after_fit(self) -> None:
-        """`run_summary.json` for the fit; with `--test_after_fit`, test in the same process and summarise."""
-        write_run_summary(self.trainer, "fit")
-        sub = self.config.get("subcommand")
-        if not (sub == "fit" and self.config[sub].get("test_after_fit")) or self.trainer.interrupted:
-            return
-        callback = self.trainer.checkpoint_callback
-        ckpt = "best" if callback is not None and getattr(callback, "best_model_path", "") else None
-        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
-        self.after_test()
-
-    def after_test(self) -> None:
-        write_run_summary(self.trainer, "test", {"results": getattr(self.model, "results_paths", None)})
-
-    def before_predict(self) -> None:
-        """`cft predict` writes predictions.csv into the run's log directory."""
-        if not any(isinstance(cb, PredictionWriter) for cb in self.trainer.callbacks):
-            self.trainer.callbacks.append(PredictionWriter(class_names=self.datamodule.class_names))
-
+__all__ = ["COMMANDS", "TOOLS", "main"]
 
 # `cft <tool>`: the stages and utilities with their own parsers (module with a `main(argv)`)
 TOOLS = {
@@ -187,10 +36,113 @@ TOOLS = {
     "critique": "cft_lightning.critique.cli",
     "sweep": "cft_lightning.sweep",
 }
-# pickle.UnpicklingError: a checkpoint torch refuses to load weights-only (it would run pickled code)
-# NonFiniteLossError: training stopped on a NaN/inf loss or gradient (the message names the batch)
-_USER_ERRORS = (DataError, BackboneError, UnsupportedModelError, ValueError, KeyError, FileNotFoundError,
-                pickle.UnpicklingError, NonFiniteLossError)
+TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
+# every command with its one-line summary, in the order of a project (cft --help)
+COMMANDS = {
+    "fit": "fine-tune a model with a guidance objective (cft fit --config configs/vit_b_cft.yaml)",
+    "validate": "validation loop of a checkpoint",
+    "test": "test a checkpoint: ID/OOD splits, robustness benchmarks, relevance and decision diagnostics",
+    "predict": "predictions of a checkpoint on an image folder (predictions.csv)",
+    "demo": "the embedded CPU demo: does guided fine-tuning repair a shortcut? (docs/demo.md)",
+    "explain": "relevance overlays (PNG) for images, from a checkpoint or a timm model",
+    "concepts": "concepts per class with an LLM; `cft concepts validate`: occurrence and coverage filtering",
+    "masks": "build the mask store: `cft masks import` existing masks, `cft masks generate` with Grounded-SAM",
+    "critique": "LVLM-VA corrective masks for a trained model (mask kind `critic`)",
+    "sweep": "run a W&B sweep file's grid locally, one `cft fit` per run, and plot the ablation",
+}
+
+# (module, class name): the errors a user can fix, printed as one line. They are looked up only in modules
+# already imported, so catching them imports nothing.
+_COMMON_ERRORS = (
+    ("cft_lightning.data.errors", "DataError"),
+    ("cft_lightning.data.errors", "CommandFailed"),  # ran, produced less than asked: exit 1
+    ("cft_lightning.models.backbone", "BackboneError"),
+    ("cft_lightning.relevance._vit", "UnsupportedModelError"),
+    ("builtins", "ValueError"),
+    ("builtins", "FileNotFoundError"),
+)
+_TRAINER_ERRORS = _COMMON_ERRORS + (
+    ("cft_lightning.models.fine_tuner", "NonFiniteLossError"),  # training stopped on a NaN/inf (names the batch)
+    ("pickle", "UnpicklingError"),  # a checkpoint torch refuses to load weights-only (it would run pickled code)
+    ("builtins", "KeyError"),  # jsonargparse: an unknown key
+)
+_TOOL_ERRORS = _COMMON_ERRORS + (
+    ("cft_lightning.concepts.llm", "ChatUnavailable"),  # endpoint unreachable, key missing or refused
+    ("builtins", "ImportError"),  # a tool's optional extra is missing: the message says which
+)
+
+
+def _error_types(pairs: tuple[tuple[str, str], ...]) -> tuple[type, ...]:
+    return tuple(getattr(sys.modules[m], name) for m, name in pairs if m in sys.modules)
+
+
+def usage() -> str:
+    """The text of `cft --help`."""
+    width = max(map(len, COMMANDS))
+    lines = ["usage: cft <command> [options]      (cft <command> --help: the command's options)", "",
+             "Explanation-guided fine-tuning of image classifiers (Concept-Guided Fine-Tuning and baselines).", "",
+             "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()]
+    lines += ["", "Docs: README.md and docs/ (docs/demo.md, docs/results.md, docs/reliability.md).",
+              "CFT_DEBUG=1 shows full tracebacks instead of one-line errors."]
+    return "\n".join(lines) + "\n"
+
+
+def _help_cache_key(argv: list[str]) -> str:
+    """What a Trainer subcommand's help depends on: the package's sources, the versions of the libraries that
+    generate it, the terminal width and the arguments."""
+    from importlib import metadata
+
+    package = Path(__file__).parent
+    stamps = sorted(f"{p.relative_to(package)}:{p.stat().st_mtime_ns}" for p in package.rglob("*.py"))
+    versions = []
+    for dist in ("lightning", "jsonargparse", "timm", "torch"):
+        try:
+            versions.append(f"{dist}={metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            versions.append(f"{dist}=-")
+    columns = shutil.get_terminal_size().columns
+    payload = "\n".join([*stamps, *versions, str(columns), sys.executable, *argv])
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:20]
+
+
+def _trainer_help(argv: list[str]) -> None:
+    """`cft fit|validate|test|predict --help`: generated once (Lightning takes seconds to import), then read
+    from `$CFT_CACHE/help/` (default `~/.cache/cft_lightning/help/`) until the package or a library changes."""
+    folder = Path(os.environ.get("CFT_CACHE") or Path.home() / ".cache" / "cft_lightning") / "help"
+    path = folder / f"{argv[0]}-{_help_cache_key(argv)}.txt"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError:
+        from cft_lightning._lightning_cli import run
+
+        buffer = io.StringIO()
+        with redirect_stdout(buffer):
+            try:
+                run(argv)
+            except SystemExit as exc:
+                if exc.code not in (0, None):
+                    raise
+        text = buffer.getvalue()
+        try:  # a read-only home still gets its help, just not cached
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError:
+            pass
+    sys.stdout.write(text)
+    raise SystemExit(0)
+
+
+def _fail(err: BaseException) -> None:
+    if os.environ.get("CFT_DEBUG"):
+        raise err
+    message = err.args[0] if isinstance(err, KeyError) and err.args else err
+    print(f"cft: error: {message}", file=sys.stderr)
+    failed = sys.modules.get("cft_lightning.data.errors")
+    code = 1 if failed is not None and isinstance(err, failed.CommandFailed) else 2
+    raise SystemExit(code) from None
 
 
 def main(args: list[str] | None = None) -> None:
@@ -198,25 +150,43 @@ def main(args: list[str] | None = None) -> None:
     # Lightning 2.6 calls a pytree API that torch >= 2.10 deprecates: noise for every user, nothing to act on.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     argv = sys.argv[1:] if args is None else list(args)
-    if argv[:1] and argv[0] in TOOLS:  # not Trainer subcommands: their own parsers
-        command = importlib.import_module(TOOLS[argv[0]]).main
-        try:
-            command(argv[1:])
-        except (DataError, BackboneError, UnsupportedModelError, ValueError, ImportError, FileNotFoundError) as err:
-            if os.environ.get("CFT_DEBUG"):
-                raise
-            print(f"cft: error: {err}", file=sys.stderr)
-            raise SystemExit(2) from None
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        (sys.stdout if argv else sys.stderr).write(usage())
+        raise SystemExit(0 if argv else 2)
+    if argv[0] == "--version":
+        from cft_lightning import __version__
+
+        print(f"cft_lightning {__version__}")
         return
-    ensure_wandb_mode()  # no W&B key: offline runs (wandb sync uploads them later) instead of a start-up error
+    command = argv[0]
+    if command not in COMMANDS and not command.startswith("-"):
+        from difflib import get_close_matches
+
+        close = get_close_matches(command, list(COMMANDS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        print(f"cft: error: unknown command {command!r}{hint}; commands: {', '.join(COMMANDS)} (cft --help)",
+              file=sys.stderr)
+        raise SystemExit(2)
     try:
-        CFTCLI(args=args)
-    except _USER_ERRORS as err:
-        if os.environ.get("CFT_DEBUG"):
-            raise
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"cft: error: {message}", file=sys.stderr)
-        raise SystemExit(2) from None
+        if command in TOOLS:
+            importlib.import_module(TOOLS[command]).main(argv[1:])
+        elif len(argv) == 2 and argv[1] in ("-h", "--help") and command in TRAINER_COMMANDS:
+            _trainer_help(argv)
+        else:
+            from cft_lightning._lightning_cli import run
+
+            run(argv)
+    except Exception as err:
+        if isinstance(err, _error_types(_TOOL_ERRORS if command in TOOLS else _TRAINER_ERRORS)):
+            _fail(err)
+        raise
+
+
+def __getattr__(name: str) -> Any:
+    """`CFTCLI`, `RunConfigSaver`, `redact`, `REDACTED` still import from here (they live in `_lightning_cli`)."""
+    if name in ("CFTCLI", "RunConfigSaver", "redact", "REDACTED"):
+        return getattr(importlib.import_module("cft_lightning._lightning_cli"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":

@@ -68,8 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--masks", help="mask store whose masks are drawn beside the maps (keys: paths under --images)")
     p.add_argument("--mask_kind", default="concept", help="mask kind to draw (default: %(default)s)")
     p.add_argument("--out", default="runs/explain", help="output folder (default: %(default)s)")
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--no_progress", action="store_true")
+    p.add_argument("--batch_size", type=int, default=16, help="images explained at once (default: %(default)s)")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
     return p
 
 

@@ -312,15 +312,20 @@ def _log_to_wandb(record: dict[str, Any], out_dir: Path, png: Path) -> None:
     run.finish()
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point of `cft sweep`."""
-    p = argparse.ArgumentParser(prog="cft sweep", description="Run a W&B sweep file's grid locally, one process "
-                                "per run, and print the ablation table.")
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="cft sweep", description="Run a W&B sweep file's grid locally, one process per run, and print the "
+        "ablation table. Options after the file (--key=value) go to every run.")
     p.add_argument("file", help="sweep YAML (W&B format), e.g. configs/sweeps/table7_relevance.yaml")
     p.add_argument("--out", default=None, help="output folder (default: runs/sweeps/<sweep name>)")
     p.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
-    p.add_argument("--max_runs", type=int, default=None, help="only the first N grid points")
-    args, extra = p.parse_known_args(argv)
+    p.add_argument("--max_runs", type=int, default=None, help="only the first N grid points (default: all)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of `cft sweep`."""
+    args, extra = _parser().parse_known_args(argv)
     if extra and extra[0] == "--":
         extra = extra[1:]
     bad = [a for a in extra if not a.startswith("--")]

@@ -7,8 +7,12 @@ images to whichever loggers take them, and a run summary file the sweep runner r
 - `log_results(trainer, payload, images)`: the `cft test` table as a W&B table, and PNGs as images.
 - `log_images(trainer, key, images, step)`: numpy images to W&B (`log_image`) and TensorBoard (`add_image`);
   CSV loggers take none.
-- `write_run_summary(trainer, stage, path)`: the last logged metrics, log dir, checkpoints and results paths as
-  JSON in `trainer.default_root_dir` (`run_summary.json`), so a sweep can table runs whatever their loggers.
+- `run_dir(trainer)`: the one folder of this run, where every file of it goes (config, logs, checkpoints,
+  results, pictures, the class split, the summary), whatever the logger: a CSV or TensorBoard logger's
+  versioned `log_dir`; for W&B, whose `log_dir` is shared by all runs, `<save_dir>/<project>/<run id>`
+  (where Lightning puts its checkpoints); without a logger, `default_root_dir`.
+- `write_run_summary(trainer, stage, path)`: the last logged metrics, run folder, checkpoints and results
+  paths as JSON in the run folder (`run_summary.json`), so a sweep can table runs whatever their loggers.
 """
 
 from __future__ import annotations
@@ -24,8 +28,8 @@ import numpy as np
 
 from cft_lightning.data.mask_store import atomic_write
 
-__all__ = ["ensure_wandb_mode", "log_config", "log_images", "log_results", "wandb_key_available",
-           "write_run_summary"]
+__all__ = ["ensure_wandb_mode", "find_run_summary", "log_config", "log_images", "log_results", "run_dir",
+           "wandb_key_available", "write_run_summary"]
 
 SUMMARY = "run_summary.json"
 
@@ -45,6 +49,23 @@ def ensure_wandb_mode() -> str | None:
     if "WANDB_MODE" not in os.environ and not wandb_key_available():
         os.environ["WANDB_MODE"] = "offline"
     return os.environ.get("WANDB_MODE")
+
+
+def run_dir(trainer: Any) -> str:
+    """The folder of this run's files (see the module docstring). Call it on every rank: it broadcasts."""
+    directory = trainer.log_dir or trainer.default_root_dir
+    logger = trainer.logger
+    if logger is not None and getattr(logger, "log_dir", None) is None:  # e.g. W&B: trainer.log_dir is save_dir
+        version = getattr(logger, "version", None)
+        if version is not None:
+            directory = os.path.join(directory, str(getattr(logger, "name", "") or ""), str(version))
+    return directory
+
+
+def find_run_summary(root: str | os.PathLike[str]) -> Path | None:
+    """The newest `run_summary.json` under `root` (a run's `default_root_dir`), or None."""
+    found = sorted(Path(root).rglob(SUMMARY), key=lambda p: p.stat().st_mtime) if Path(root).is_dir() else []
+    return found[-1] if found else None
 
 
 def _loggers(trainer: Any) -> list[Any]:
@@ -102,12 +123,12 @@ def _plain(value: Any) -> Any:
 
 
 def write_run_summary(trainer: Any, stage: str, extra: dict[str, Any] | None = None) -> Path | None:
-    """Merge this stage's outcome into `<default_root_dir>/run_summary.json` (rank 0); returns its path.
+    """Merge this stage's outcome into `<run folder>/run_summary.json` (rank 0); returns its path.
     Call it on every rank: `trainer.log_dir` is a broadcast."""
-    log_dir = trainer.log_dir
+    log_dir = run_dir(trainer)
     if not trainer.is_global_zero:
         return None
-    path = Path(trainer.default_root_dir) / SUMMARY
+    path = Path(log_dir) / SUMMARY
     try:
         summary = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):

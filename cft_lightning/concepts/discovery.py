@@ -11,8 +11,11 @@ filters (`filters.py`). The output is the concept bank the mask stage reads:
 
 Class ids are the dataset's folder names (WNIDs for ImageNet); the prompts use their readable names. The
 CFT paper uses gpt-4o-mini with LF-CBM's setup. A malformed answer (no list items) is asked again with a
-new sample index, up to `malformed_retries` times, then that prompt is skipped for the class; an endpoint
-that keeps failing skips the class (recorded under `failed`); the run itself never stops for one class.
+new sample index, up to `malformed_retries` times, then that prompt is skipped for the class; a request
+that keeps failing skips the class (recorded under `failed`). An endpoint that cannot be used at all
+(unreachable, key missing or refused: `ChatUnavailable`) stops the run at the first request. The bank is
+written whatever happened; the command exits with 1 when fewer than `--min_success` of the classes got a
+concept (default: all of them), naming the ones that did not.
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from cft_lightning.concepts.filters import Embedder, filter_concepts, sentence_transformer_embedder
-from cft_lightning.concepts.llm import CachedChat, ChatError, ChatRefusal
-from cft_lightning.data.errors import DataError
+from cft_lightning.concepts.llm import CachedChat, ChatError, ChatRefusal, ChatUnavailable
+from cft_lightning.data.errors import CommandFailed, DataError
 from cft_lightning.data.mask_store import atomic_write
 
 __all__ = ["PROMPTS", "discover", "load_classes", "load_concept_bank", "main", "parse_list"]
@@ -143,6 +146,8 @@ def discover(classes: dict[str, str], chat: CachedChat, embed: Embedder | None, 
             for template in PROMPTS.values():
                 for sample in range(samples):
                     found += _ask(chat, template.format(name=name), sample, malformed_retries)
+        except ChatUnavailable:
+            raise
         except ChatError as exc:
             failed[cls] = str(exc)
             log.error("class %s (%s) skipped: %s", cls, name, exc)
@@ -171,21 +176,37 @@ def discover(classes: dict[str, str], chat: CachedChat, embed: Embedder | None, 
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cft concepts", description="Discover concepts per class with an LLM.")
+    p = argparse.ArgumentParser(
+        prog="cft concepts", description="Discover concepts per class with an LLM (Label-Free CBM prompts and "
+        "filters; the CFT paper uses gpt-4o-mini).",
+        epilog="Then: `cft concepts validate --bank BANK --images FOLDER --out VALIDATED` keeps the concepts "
+        "the grounding models find often and on the object (the paper's occurrence and coverage filters; "
+        "`cft concepts validate --help`), and `cft masks generate` grounds them in every training image.")
     p.add_argument("--classes", required=True, help="'imagenet' or a file: one class per line ('id<TAB>name' or name)")
     p.add_argument("--out", required=True, help="concept bank JSON to write")
     p.add_argument("--model", default="gpt-4o-mini", help="chat model (default: %(default)s, as the CFT paper)")
-    p.add_argument("--base_url", default=None, help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
-    p.add_argument("--api_key_env", default="OPENAI_API_KEY", help="environment variable with the API key")
+    p.add_argument("--base_url", default=None, help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 "
+                   "(default: $OPENAI_BASE_URL, else the OpenAI API)")
+    p.add_argument("--api_key_env", default="OPENAI_API_KEY",
+                   help="environment variable with the API key (default: %(default)s; never written anywhere)")
     p.add_argument("--cache", default=None, help="answer cache folder (default: <out>.cache)")
-    p.add_argument("--samples", type=int, default=2, help="answers per prompt type and class (LF-CBM: 2)")
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--max_length", type=int, default=30, help="longest concept in characters (LF-CBM: 30)")
-    p.add_argument("--class_similarity", type=float, default=0.85)
-    p.add_argument("--duplicate_similarity", type=float, default=0.9)
+    p.add_argument("--samples", type=int, default=2,
+                   help="answers per prompt type and class (default: %(default)s, LF-CBM's)")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default: %(default)s, "
+                   "LF-CBM's)")
+    p.add_argument("--max_length", type=int, default=30,
+                   help="longest concept in characters (default: %(default)s, LF-CBM's)")
+    p.add_argument("--class_similarity", type=float, default=0.85,
+                   help="drop concepts this similar to a class name (default: %(default)s, LF-CBM's)")
+    p.add_argument("--duplicate_similarity", type=float, default=0.9,
+                   help="drop concepts this similar to one already kept (default: %(default)s, LF-CBM's)")
     p.add_argument("--embedder", default="all-MiniLM-L6-v2",
-                   help="sentence-transformers model for the similarity filters, or 'none' to skip them")
-    p.add_argument("--no_progress", action="store_true")
+                   help="sentence-transformers model for the similarity filters, or 'none' to skip them "
+                   "(default: %(default)s)")
+    p.add_argument("--min_success", type=float, default=1.0,
+                   help="fraction of the classes that must get at least one concept, else exit 1 after writing "
+                   "the bank (default: %(default)s, every class; answers are cached, so a rerun asks only again)")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
     return p
 
 
@@ -197,6 +218,8 @@ def main(argv: list[str] | None = None) -> None:
         validate_main(argv[1:])
         return
     args = _parser().parse_args(argv)
+    if not 0.0 <= args.min_success <= 1.0:
+        raise DataError(f"--min_success must be a fraction in [0, 1], got {args.min_success}")
     classes = load_classes(args.classes)
     out = Path(args.out)
     chat = CachedChat(args.model, args.cache or f"{out}.cache", base_url=args.base_url, api_key_env=args.api_key_env,
@@ -217,3 +240,10 @@ def main(argv: list[str] | None = None) -> None:
           f"({usage['calls']} calls, {usage['cached']} cached, {usage['prompt_tokens']} + "
           f"{usage['completion_tokens']} tokens, {spent / n:.0f} per class; per class in provenance.counts; "
           f"{len(doc['provenance']['failed'])} class(es) failed)")
+    without = [c for c in classes if not doc["concepts"].get(c)]
+    if len(classes) - len(without) < args.min_success * len(classes) or len(without) == len(classes):
+        failed = doc["provenance"]["failed"]
+        examples = "; ".join(f"{c}: {failed.get(c, 'no concept survived the filters')}" for c in without[:3])
+        raise CommandFailed(f"{len(without)} of {len(classes)} classes have no concept in {out} (e.g. {examples}); "
+                            f"--min_success is {args.min_success:g}. A rerun asks only the failed ones again "
+                            "(answers are cached); lower --min_success to accept the bank as it is")

@@ -4,7 +4,11 @@ Every answer is stored under `cache_dir/<sha256 of (model, messages, temperature
 before it is used, so a rerun costs nothing and a crashed run resumes where it stopped. The cache holds
 the request's model, messages and the answer text, never the API key (which is read from the environment
 variable named by `api_key_env` and only handed to the client). Rate limits (429), timeouts and server
-errors (5xx) are retried by the openai client with exponential backoff (`max_retries`). Images in the
+errors (5xx) are retried by the openai client with exponential backoff (`max_retries`). An endpoint that
+cannot be used at all (unreachable, key missing or refused, unknown model) raises `ChatUnavailable`, which
+the commands do not skip per item: they stop at once with one line saying what to set. Until the endpoint
+has answered once, an unreachable server is tried only twice, so a wrong `--base_url` fails in seconds, not
+after a minute of retries per item. Images in the
 messages (data URLs) are stored in the cache record as their sha256, not their bytes. A refusal or an empty
 answer raises `ChatRefusal` and is not cached (a rerun asks again).
 """
@@ -21,7 +25,7 @@ from typing import Any
 
 from cft_lightning.data.mask_store import atomic_write
 
-__all__ = ["CachedChat", "ChatAnswer", "ChatError", "ChatRefusal"]
+__all__ = ["CachedChat", "ChatAnswer", "ChatError", "ChatRefusal", "ChatUnavailable"]
 
 
 class ChatError(RuntimeError):
@@ -30,6 +34,11 @@ class ChatError(RuntimeError):
 
 class ChatRefusal(ChatError):
     """The model refused, or answered nothing."""
+
+
+class ChatUnavailable(ChatError):
+    """The endpoint cannot be used at all (unreachable, no key or a refused key, unknown model): no later
+    request would fare better, so the command stops instead of skipping item after item."""
 
 
 @dataclass
@@ -84,6 +93,11 @@ class CachedChat:
                                                             "completion_tokens": 0})
     _client: Any = None
     _lock: Any = field(default_factory=threading.Lock, repr=False)
+    _answered: bool = False  # the endpoint has answered once: from then on, full retries
+
+    def endpoint(self) -> str:
+        """Where requests go, for messages: `--base_url`, else `OPENAI_BASE_URL`, else the OpenAI API."""
+        return self.base_url or os.environ.get("OPENAI_BASE_URL") or "the OpenAI API (https://api.openai.com/v1)"
 
     def key(self, messages: list[dict[str, Any]], sample: int, response_format: dict[str, Any] | None = None) -> str:
         request = {"model": self.model, "messages": messages, "temperature": self.temperature,
@@ -105,10 +119,33 @@ class CachedChat:
             if self._client is None:
                 from openai import OpenAI
 
-                key = os.environ.get(self.api_key_env) or "EMPTY"
+                key = os.environ.get(self.api_key_env)
+                if not key and not (self.base_url or os.environ.get("OPENAI_BASE_URL")):
+                    raise ChatUnavailable(
+                        f"no API key: ${self.api_key_env} is not set. Set it (or name another variable with "
+                        "--api_key_env), or point --base_url at an OpenAI-compatible server "
+                        "(e.g. http://127.0.0.1:8000/v1)")
+                key = key or "EMPTY"  # local servers usually accept any key; a refusal is reported below
                 self._client = OpenAI(api_key=key, base_url=self.base_url, max_retries=self.max_retries,
                                       timeout=self.timeout)
         return self._client
+
+    def _classify(self, exc: Exception) -> ChatError:
+        """A failed request as `ChatUnavailable` (stop the command) or `ChatError` (skip this item)."""
+        import openai
+
+        where = self.endpoint()
+        if isinstance(exc, openai.APIConnectionError) and not isinstance(exc, openai.APITimeoutError):
+            return ChatUnavailable(f"cannot reach {where} ({exc}): is the server running? Set --base_url to "
+                                   "the OpenAI-compatible endpoint (e.g. http://127.0.0.1:8000/v1)")
+        if isinstance(exc, (openai.AuthenticationError, openai.PermissionDeniedError)):
+            state = "is not set" if not os.environ.get(self.api_key_env) else "was refused"
+            return ChatUnavailable(f"{where} refused the request ({exc.status_code}): the API key in "
+                                   f"${self.api_key_env} {state}; set it, or name another variable with --api_key_env")
+        if isinstance(exc, openai.NotFoundError):
+            return ChatUnavailable(f"{where} answered 404 for model {self.model!r} ({exc}): check the model name "
+                                   "and --base_url")
+        return ChatError(f"{type(exc).__name__} from {where}: {exc}")
 
     def __call__(self, messages: list[dict[str, Any]], sample: int = 0) -> str:
         """The answer text to `messages`; `sample` distinguishes repeated samples of the same prompt."""
@@ -130,12 +167,16 @@ class CachedChat:
         import openai
 
         extra = {} if response_format is None else {"response_format": response_format}
+        client = self._openai()
+        if not self._answered:  # a server that is not there should not cost a minute of backoff
+            client = client.with_options(max_retries=min(self.max_retries, 1))
         try:
-            response = self._openai().chat.completions.create(
+            response = client.chat.completions.create(
                 model=self.model, messages=messages, temperature=self.temperature, max_tokens=self.max_tokens,
                 **extra)
         except openai.APIError as exc:
-            raise ChatError(f"{type(exc).__name__} from {self.base_url or 'the OpenAI API'}: {exc}") from exc
+            raise self._classify(exc) from exc
+        self._answered = True
         with self._lock:  # the critique stage calls from several threads
             self.usage["calls"] += 1
             if response.usage is not None:

@@ -18,6 +18,7 @@ masks up in the embedded benchmark, the Grounded-SAM grounder runs the models.
 
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -108,9 +109,37 @@ def images_by_class(root: str | os.PathLike[str]) -> dict[str, list[str]]:
     return {cls: list(rels) for cls, rels in scan_image_folder(Path(root)).items()}
 
 
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cft concepts validate", description="Occurrence and coverage "
+                                "validation of a concept bank (the CFT paper: P = 30 images per class).")
+    p.add_argument("--bank", required=True, help="concept bank JSON (from `cft concepts`)")
+    p.add_argument("--images", required=True, help="image folder (<class>/<image>) the P images are drawn from")
+    p.add_argument("--grounder", default="grounded_sam", choices=["grounded_sam", "oracle"],
+                   help="grounded_sam: GroundingDINO + SAM (as `cft masks generate`); oracle: masks looked up in "
+                   "--masks (the embedded benchmark) (default: %(default)s)")
+    p.add_argument("--masks", help="mask store of the oracle grounder")
+    p.add_argument("--detector", default="IDEA-Research/grounding-dino-base",
+                   help="GroundingDINO: hub id or local folder (default: %(default)s)")
+    p.add_argument("--segmenter", default="facebook/sam-vit-base",
+                   help="SAM: hub id or local folder (default: %(default)s)")
+    p.add_argument("--box_threshold", type=float, default=0.35,
+                   help="GroundingDINO box score threshold (default: %(default)s)")
+    p.add_argument("--text_threshold", type=float, default=0.25,
+                   help="GroundingDINO text score threshold (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="device of the grounding models, e.g. cuda (default: %(default)s)")
+    p.add_argument("--out", required=True, help="validated bank JSON")
+    p.add_argument("--per_class", type=int, default=30,
+                   help="P, images per class (default: %(default)s, the paper's)")
+    p.add_argument("--occurrence", type=float, default=0.15,
+                   help="minimum occurrence rate (default: %(default)s, the paper's)")
+    p.add_argument("--coverage", type=float, default=0.2,
+                   help="minimum class coverage IoU (default: %(default)s, the paper's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the draw of P images (default: %(default)s)")
+    return p
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of `cft concepts validate`."""
-    import argparse
     import hashlib
     import json
 
@@ -118,24 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     from cft_lightning.data.errors import DataError
     from cft_lightning.data.mask_store import atomic_write
 
-    p = argparse.ArgumentParser(prog="cft concepts validate", description="Occurrence and coverage validation.")
-    p.add_argument("--bank", required=True, help="concept bank JSON (from `cft concepts`)")
-    p.add_argument("--images", required=True, help="image folder (<class>/<image>) the P images are drawn from")
-    p.add_argument("--grounder", default="grounded_sam", choices=["grounded_sam", "oracle"],
-                   help="grounded_sam: GroundingDINO + SAM (as `cft masks generate`); oracle: masks looked up in "
-                   "--masks (the embedded benchmark)")
-    p.add_argument("--masks", help="mask store of the oracle grounder")
-    p.add_argument("--detector", default="IDEA-Research/grounding-dino-base", help="hub id or local folder")
-    p.add_argument("--segmenter", default="facebook/sam-vit-base", help="hub id or local folder")
-    p.add_argument("--box_threshold", type=float, default=0.35)
-    p.add_argument("--text_threshold", type=float, default=0.25)
-    p.add_argument("--device", default="cpu", help="device of the grounding models (e.g. cuda)")
-    p.add_argument("--out", required=True, help="validated bank JSON")
-    p.add_argument("--per_class", type=int, default=30, help="P, images per class (paper: 30)")
-    p.add_argument("--occurrence", type=float, default=0.15, help="minimum occurrence rate (paper: 0.15)")
-    p.add_argument("--coverage", type=float, default=0.2, help="minimum class coverage IoU (paper: 0.2)")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    args = _parser().parse_args(argv)
     if args.grounder == "oracle" and not args.masks:
         raise DataError("--grounder oracle needs --masks (a mask store with per-concept and object masks)")
     bank = load_concept_bank(args.bank)

@@ -1,20 +1,31 @@
 """LVLM-VA's critique stage (`cft critique`): low-entropy sampling, attributions, PPEPS-WGM segments, critic and
-judge, corrective masks (mask kind `critic`) for the `LVLMCritic` regularizer."""
+judge, corrective masks (mask kind `critic`) for the `LVLMCritic` regularizer.
 
-from cft_lightning.critique.critic import CriticAndJudge, OracleCritic, parse_verdicts
-from cft_lightning.critique.ppeps import effect_mass, fit_weighted_gmm, ppeps_segments
-from cft_lightning.critique.run import CritiqueSettings, run_critique
-from cft_lightning.critique.sampling import lowest_entropy, predictive_entropy
+The names below load their module on first use, so `cft critique --help` imports neither torch nor Lightning.
+"""
 
-__all__ = [
-    "CritiqueSettings",
-    "CriticAndJudge",
-    "OracleCritic",
-    "effect_mass",
-    "fit_weighted_gmm",
-    "lowest_entropy",
-    "parse_verdicts",
-    "ppeps_segments",
-    "predictive_entropy",
-    "run_critique",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "CriticAndJudge": "critic",
+    "OracleCritic": "critic",
+    "parse_verdicts": "critic",
+    "effect_mass": "ppeps",
+    "fit_weighted_gmm": "ppeps",
+    "ppeps_segments": "ppeps",
+    "CritiqueSettings": "run",
+    "run_critique": "run",
+    "lowest_entropy": "sampling",
+    "predictive_entropy": "sampling",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"cft_lightning.critique.{_WHERE[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

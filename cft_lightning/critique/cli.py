@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+from cft_lightning.data.errors import CommandFailed, DataError
 
-from cft_lightning.data.errors import DataError
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 __all__ = ["ATTRIBUTIONS", "build_attributor", "main"]
 
@@ -38,36 +39,52 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--descriptions", help="YAML/JSON {class id: expert description} ('*' = fallback); "
                    "required for --critic lvlm")
     p.add_argument("--out", required=True, help="mask store for the `critic` masks")
-    p.add_argument("--samples", type=int, default=64, help="N, the alignment set (lowest entropy)")
-    p.add_argument("--segments", type=int, default=4, help="J, PPEPS-WGM segments per image")
-    p.add_argument("--target", default="label", choices=["label", "prediction"], help="class the attribution explains")
+    p.add_argument("--samples", type=int, default=64,
+                   help="N, the size of the alignment set: the N training images of lowest predictive entropy "
+                   "(default: %(default)s; LVLM-VA does not publish its N)")
+    p.add_argument("--segments", type=int, default=4,
+                   help="J, PPEPS-WGM segments per image that the critic judges (default: %(default)s; unpublished)")
+    p.add_argument("--min_success", type=float, default=1.0,
+                   help="fraction of the alignment set that must get a corrective mask, else exit 1 after writing "
+                   "the masks and the report (default: %(default)s, every image)")
+    p.add_argument("--target", default="label", choices=["label", "prediction"],
+                   help="class the attribution explains (default: %(default)s)")
     p.add_argument("--attribution", default="auto", choices=ATTRIBUTIONS,
-                   help="auto: deeplift_shap for CNNs/MLPs, ixg for ViTs")
-    p.add_argument("--shap_baselines", type=int, default=8, help="DeepLIFT-SHAP: K random training images")
-    p.add_argument("--critic", default="lvlm", choices=["lvlm", "oracle"])
+                   help="auto: deeplift_shap for CNNs/MLPs, ixg for ViTs (default: %(default)s)")
+    p.add_argument("--shap_baselines", type=int, default=8,
+                   help="DeepLIFT-SHAP: K random training images (default: %(default)s)")
+    p.add_argument("--critic", default="lvlm", choices=["lvlm", "oracle"],
+                   help="lvlm: the critic and judge LLMs; oracle: ground-truth masks decide (default: %(default)s)")
     p.add_argument("--oracle_masks", help="--critic oracle: mask store with the ground-truth spurious masks")
-    p.add_argument("--oracle_kind", default="decoy", help="--critic oracle: their mask kind")
-    p.add_argument("--oracle_threshold", type=float, default=0.5)
-    p.add_argument("--llm", default="gpt-4o", help="critic model (vision), as the endpoint names it")
+    p.add_argument("--oracle_kind", default="decoy", help="--critic oracle: their mask kind (default: %(default)s)")
+    p.add_argument("--oracle_threshold", type=float, default=0.5,
+                   help="--critic oracle: share of a segment inside the spurious mask that makes it spurious "
+                   "(default: %(default)s)")
+    p.add_argument("--llm", default="gpt-4o",
+                   help="critic model (it must read images), as the endpoint names it (default: %(default)s)")
     p.add_argument("--judge_llm", default=None, help="judge model (default: --llm)")
     p.add_argument("--base_url", default=None, help="OpenAI-compatible endpoint (default: OpenAI or OPENAI_BASE_URL)")
-    p.add_argument("--api_key_env", default="OPENAI_API_KEY", help="environment variable holding the key")
+    p.add_argument("--api_key_env", default="OPENAI_API_KEY",
+                   help="environment variable holding the key (default: %(default)s; never written anywhere)")
     p.add_argument("--judge_examples", default=None, help="few-shot examples YAML (default: the shipped ones)")
-    p.add_argument("--critic_max_tokens", type=int, default=1500)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--retries", type=int, default=2, help="new attempts after refusals / malformed verdicts")
+    p.add_argument("--critic_max_tokens", type=int, default=1500,
+                   help="longest critic answer in tokens (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default: %(default)s)")
+    p.add_argument("--retries", type=int, default=2,
+                   help="new attempts after refusals / malformed verdicts (default: %(default)s)")
     p.add_argument("--no_structured", action="store_true", help="do not send response_format to the judge")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default: %(default)s)")
     p.add_argument("--price_in", type=float, default=None, help="USD per 1M prompt tokens (cost report)")
     p.add_argument("--price_out", type=float, default=None, help="USD per 1M completion tokens")
     p.add_argument("--cache", default=None, help="answer cache (default: <out>/critique/llm_cache)")
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--concurrency", type=int, default=4, help="images critiqued at once (concurrent LLM requests)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--accelerator", default="cpu")
-    p.add_argument("--devices", default="1")
-    p.add_argument("--num_nodes", type=int, default=1)
-    p.add_argument("--no_progress", action="store_true")
+    p.add_argument("--batch_size", type=int, default=16, help="images per predict step (default: %(default)s)")
+    p.add_argument("--concurrency", type=int, default=4,
+                   help="images critiqued at once (concurrent LLM requests) (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="k-means initialisation of PPEPS-WGM (default: %(default)s)")
+    p.add_argument("--accelerator", default="cpu", help="Lightning accelerator (default: %(default)s)")
+    p.add_argument("--devices", default="1", help="devices per node (default: %(default)s)")
+    p.add_argument("--num_nodes", type=int, default=1, help="nodes (default: %(default)s)")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
     return p
 
 
@@ -108,15 +125,19 @@ def _items(data: Path, classes: list[str]) -> list[tuple[str, int]]:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of `cft critique`."""
+    args = _parser().parse_args(argv)
+    import torch
+
     from cft_lightning.concepts.llm import CachedChat
     from cft_lightning.critique.critic import CriticAndJudge, OracleCritic, load_descriptions, load_judge_examples
     from cft_lightning.critique.run import CritiqueSettings, run_critique
     from cft_lightning.explain import load_models
     from cft_lightning.models.backbone import resolve_data_config
 
-    args = _parser().parse_args(argv)
     if args.samples < 1 or args.segments < 2 or args.batch_size < 1:
         raise DataError("--samples >= 1, --segments >= 2 and --batch_size >= 1 are required")
+    if not 0.0 <= args.min_success <= 1.0:
+        raise DataError(f"--min_success must be a fraction in [0, 1], got {args.min_success}")
     data = Path(args.data)
     if not data.is_dir():
         raise DataError(f"--data {data} is not a folder")
@@ -173,3 +194,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"cft critique: {summary['masks_written']}/{summary['alignment_set']} corrective masks in {args.out} "
               f"({summary['with_spurious_segment']} with a spurious segment, {len(summary['failed'])} failed{cost}); "
               f"report: {args.out}/critique/report.md")
+        written, wanted = summary["masks_written"], summary["alignment_set"]
+        if written == 0 or written < args.min_success * wanted:
+            first = next(iter(summary["failed"].items()), None)
+            example = f" (e.g. {first[0]}: {first[1]})" if first else ""
+            raise CommandFailed(f"{wanted - written} of {wanted} images got no corrective mask{example}; "
+                                f"--min_success is {args.min_success:g}; every reason is in {args.out}/critique/"
+                                "report.md, and a rerun critiques only the images without a mask")

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cft_lightning.concepts.llm import ChatError
+from cft_lightning.concepts.llm import ChatError, ChatUnavailable
 from cft_lightning.critique.attribution import Attributor
 from cft_lightning.critique.critic import Critic, CritiqueSample, describe
 from cft_lightning.critique.ppeps import effect_mass, ppeps_segments
@@ -178,6 +178,8 @@ class CritiqueGeneration(_Stage):
                                 view, segments, shares, mass, truth)
         try:
             verdicts = self.critic(sample)
+        except ChatUnavailable:  # no later image would fare better: stop the run
+            raise
         except ChatError as exc:
             record.update(status="failed", error=str(exc), shares=shares.round(4).tolist())
             return record

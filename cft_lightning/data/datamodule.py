@@ -367,7 +367,9 @@ class GuidanceDataModule(BenchmarkTestSplits, L.LightningDataModule):
         trainer = self.trainer
         if trainer is None:
             return
-        log_dir = trainer.log_dir  # broadcast inside Lightning: every rank must ask
+        from cft_lightning.tracking import run_dir
+
+        log_dir = run_dir(trainer)  # broadcast inside Lightning: every rank must ask
         if not log_dir or not trainer.is_global_zero:
             return
         selection = self.selection

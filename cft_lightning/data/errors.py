@@ -10,3 +10,9 @@ from __future__ import annotations
 
 class DataError(ValueError):
     """A dataset, mask store or metadata input is missing, malformed or inconsistent."""
+
+
+class CommandFailed(RuntimeError):
+    """A command ran to its end but produced nothing, or less than the user's threshold (`--min_success`).
+
+    Whatever it did produce is already written; the CLI prints the message in one line and exits with 1."""

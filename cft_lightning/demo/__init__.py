@@ -7,18 +7,24 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
-import numpy as np
-import torch
-
-from cft_lightning.benchmarks import ShortcutPartsSpec
-from cft_lightning.demo.pipeline import METHOD_GROUPS, METHODS, DemoSettings, collect, run_demo
+from cft_lightning.benchmarks.shortcut_parts import ShortcutPartsSpec
+from cft_lightning.demo.settings import METHOD_GROUPS, METHOD_NAMES, DemoSettings
 
 __all__ = ["DemoSettings", "collect", "main", "run_demo"]
+
+
+def __getattr__(name: str) -> Any:
+    """`collect` and `run_demo` import torch and Lightning: loaded on first use, so `cft demo --help` is instant."""
+    if name in ("collect", "run_demo"):
+        return getattr(importlib.import_module("cft_lightning.demo.pipeline"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,10 +39,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", default=d.seeds,
                    help="seeds to run; each has its own starting model and few-shot draw (default: %(default)s)")
     groups = "; ".join(f"{name} = {' '.join(members)}" for name, members in METHOD_GROUPS.items())
-    p.add_argument("--methods", nargs="+", default=d.methods, choices=[*sorted(METHODS), *METHOD_GROUPS],
+    p.add_argument("--methods", nargs="+", default=d.methods, choices=[*sorted(METHOD_NAMES), *METHOD_GROUPS],
                    metavar="METHOD",
                    help=f"fine-tuning methods compared on the same starting model (default: %(default)s): "
-                   f"{', '.join(sorted(METHODS))}; or a group: {groups} (docs/demo.md)")
+                   f"{', '.join(sorted(METHOD_NAMES))}; or a group: {groups} (docs/demo.md)")
     p.add_argument("--spurious_rate", type=float, default=b.spurious_rate,
                    help="share of train/val/ID-test images on their class's background (default: %(default)s)")
     p.add_argument("--decoy", action="store_true", help="also draw a class-coloured decoy square")
@@ -79,7 +85,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="share of the classes fine-tuned on: 1 (default) or 0.5 (the paper's Table 4 split: "
                    "OOD top-1 reported on fine-tuned and held-out classes)")
     p.add_argument("--full_split_epochs", type=int, default=d.full_split_epochs,
-                   help="epochs of the methods trained on the whole training split (rrda_full, cft_full)")
+                   help="epochs of the methods trained on the whole training split (rrda_full, cft_full) "
+                   "(default: %(default)s)")
     p.add_argument("--fewshot_pool", default=d.fewshot_pool, choices=["train", "counterfactual"],
                    help="few-shot images from the biased training split, or only those off their class's "
                    "background (default: %(default)s)")
@@ -103,6 +110,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _overlays(settings: DemoSettings, summary: dict, count: int) -> Path | None:
+    import numpy as np
+    import torch
+
     from cft_lightning.data.image_folder import load_image
     from cft_lightning.data.mask_store import MaskStore
     from cft_lightning.data.transforms import JointTransform
@@ -147,10 +157,11 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of `cft demo`."""
     from rich.console import Console
 
+    args = _parser().parse_args(argv)
     from cft_lightning.demo import calibration
+    from cft_lightning.demo.pipeline import collect, run_demo
     from cft_lightning.demo.report import bar_chart, paired, paired_markdown, summarize, summary_markdown
 
-    args = _parser().parse_args(argv)
     args.methods = list(dict.fromkeys(m for name in args.methods for m in METHOD_GROUPS.get(name, [name])))
     benchmark = ShortcutPartsSpec(num_classes=args.num_classes, image_size=args.image_size,
                                   train_per_class=args.train_per_class, test_per_class=args.test_per_class,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 
+from cft_lightning.data.errors import CommandFailed
 from cft_lightning.masks.importers import import_binary_masks, import_imagenet_s
 
 __all__ = ["main"]
@@ -19,28 +20,35 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cft masks", description="Build the mask store.")
     sub = p.add_subparsers(dest="command", required=True)
     imp = sub.add_parser("import", help="import existing masks (ImageNet-S PNGs, or binary PNGs) into a store")
-    imp.add_argument("--format", required=True, choices=["imagenet-s", "binary"])
+    imp.add_argument("--format", required=True, choices=["imagenet-s", "binary"],
+                     help="imagenet-s: ImageNet-S class-index PNGs (object masks); binary: one 0/255 PNG per image")
     imp.add_argument("--src", required=True, help="folder of PNG masks, laid out like the images (<class>/<name>.png)")
     imp.add_argument("--out", required=True, help="mask store root")
     imp.add_argument("--kind", default=None, help="mask kind (default: object for imagenet-s; required for binary)")
     imp.add_argument("--overwrite", action="store_true", help="replace masks that exist (default: keep them)")
-    imp.add_argument("--no_progress", action="store_true")
+    imp.add_argument("--no_progress", action="store_true", help="no progress bar")
     gen = sub.add_parser("generate", help="ground every concept of each image's class (GroundingDINO + SAM)")
     gen.add_argument("--images", required=True, help="image folder (<class>/<image>)")
     gen.add_argument("--concepts", required=True, help="concept bank JSON (`cft concepts`, validated or not)")
     gen.add_argument("--out", required=True, help="mask store root")
     gen.add_argument("--grounder", default="grounded_sam", choices=["grounded_sam", "oracle"],
-                     help="grounded_sam: the models; oracle: masks looked up in --oracle_masks (embedded benchmark)")
+                     help="grounded_sam: the models; oracle: masks looked up in --oracle_masks (embedded "
+                     "benchmark) (default: %(default)s)")
     gen.add_argument("--oracle_masks", help="mask store of the oracle grounder")
-    gen.add_argument("--detector", default="IDEA-Research/grounding-dino-base", help="hub id or local folder")
-    gen.add_argument("--segmenter", default="facebook/sam-vit-base", help="hub id or local folder")
-    gen.add_argument("--box_threshold", type=float, default=0.35)
-    gen.add_argument("--text_threshold", type=float, default=0.25)
-    gen.add_argument("--batch_size", type=int, default=8, help="images per predict step")
-    gen.add_argument("--accelerator", default="auto")
-    gen.add_argument("--devices", default="auto")
-    gen.add_argument("--num_nodes", type=int, default=1)
-    gen.add_argument("--no_progress", action="store_true")
+    gen.add_argument("--detector", default="IDEA-Research/grounding-dino-base",
+                     help="GroundingDINO: hub id or local folder (default: %(default)s)")
+    gen.add_argument("--segmenter", default="facebook/sam-vit-base",
+                     help="SAM: hub id or local folder (default: %(default)s)")
+    gen.add_argument("--box_threshold", type=float, default=0.35,
+                     help="GroundingDINO box score threshold (default: %(default)s)")
+    gen.add_argument("--text_threshold", type=float, default=0.25,
+                     help="GroundingDINO text score threshold (default: %(default)s)")
+    gen.add_argument("--batch_size", type=int, default=8, help="images per predict step (default: %(default)s)")
+    gen.add_argument("--accelerator", default="auto",
+                     help="Lightning accelerator: cpu, gpu, auto (default: %(default)s)")
+    gen.add_argument("--devices", default="auto", help="devices per node, a number or auto (default: %(default)s)")
+    gen.add_argument("--num_nodes", type=int, default=1, help="nodes (default: %(default)s)")
+    gen.add_argument("--no_progress", action="store_true", help="no progress bar")
     return p
 
 
@@ -88,6 +96,8 @@ def _generate(args: argparse.Namespace) -> None:
         mean = sum(found) / len(found) if found else 0.0
         print(f"cft masks generate: {sum(map(len, images.values()))} images, {len(done)} written so far, "
               f"{mean:.2f} concepts found per image, {empty} empty concept mask(s); logs in {args.out}/logs")
+        if not done:
+            raise CommandFailed(f"cft masks generate wrote no mask into {args.out} (logs in {args.out}/logs)")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,7 +16,7 @@ from cft_lightning.evaluation.evaluator import Evaluator, predicted_class_maps
 from cft_lightning.evaluation.interventions import intervene
 from cft_lightning.evaluation.report import print_table, write_results
 from cft_lightning.models.backbone import resolve_data_config
-from cft_lightning.tracking import log_results
+from cft_lightning.tracking import log_results, run_dir
 
 __all__ = ["OVERLAY_IMAGES", "EvaluationStage"]
 
@@ -99,7 +99,7 @@ class EvaluationStage:
                     if who in entry:
                         self.log(f"{prefix}{key}", entry[who], batch_size=max(data["num_images"], 1),
                                  sync_dist=True)  # already synced: the same value on every rank
-        directory = self.trainer.log_dir or self.trainer.default_root_dir  # a broadcast: every rank asks
+        directory = run_dir(self.trainer)  # a broadcast: every rank asks
         if not self.trainer.is_global_zero:
             return
         run = {

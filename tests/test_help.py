@@ -1,0 +1,75 @@
+"""Every command is discoverable and its help is quick and complete: `cft --help` lists them all, the tools'
+help comes back without importing Lightning, and every flag says what it does and its default."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+import pytest
+
+from cft_lightning.cli import COMMANDS, TOOLS, main, usage
+
+
+def tool_parsers() -> dict[str, argparse.ArgumentParser]:
+    """Every argparse parser of a `cft` tool, subcommands included."""
+    from cft_lightning.concepts.discovery import _parser as concepts
+    from cft_lightning.concepts.validate import _parser as validate
+    from cft_lightning.critique.cli import _parser as critique
+    from cft_lightning.demo import _parser as demo
+    from cft_lightning.explain import _parser as explain
+    from cft_lightning.masks.cli import _parser as masks
+    from cft_lightning.sweep import _parser as sweep
+
+    parsers = {"demo": demo(), "explain": explain(), "concepts": concepts(), "concepts validate": validate(),
+               "critique": critique(), "sweep": sweep()}
+    for action in masks()._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            parsers.update({f"masks {name}": sub for name, sub in action.choices.items()})
+    return parsers
+
+
+def test_cft_help_lists_every_command(capsys: pytest.CaptureFixture):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert exc.value.code == 0
+    for name in [*TOOLS, "fit", "validate", "test", "predict"]:
+        assert f"\n  {name} " in out, name
+    assert set(TOOLS) <= set(COMMANDS) and "cft concepts validate" in usage()
+
+
+def test_unknown_command_is_one_line_with_a_suggestion(capsys: pytest.CaptureFixture):
+    with pytest.raises(SystemExit) as exc:
+        main(["dmeo"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "did you mean 'demo'" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("name", sorted(tool_parsers()))
+def test_every_flag_has_help_with_its_default(name: str):
+    parser = tool_parsers()[name]
+    for action in parser._actions:
+        if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)) or not action.option_strings:
+            continue
+        flag = action.option_strings[-1]
+        assert action.help and len(action.help) > 10, f"cft {name} {flag}: no help"
+        shows_default = action.default in (None, False, argparse.SUPPRESS) or action.required
+        assert shows_default or "default" in action.help, f"cft {name} {flag}: help does not give the default"
+
+
+def test_concepts_help_mentions_validate(capsys: pytest.CaptureFixture):
+    with pytest.raises(SystemExit):
+        main(["concepts", "--help"])
+    assert "cft concepts validate" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", [["--help"], *[[tool, "--help"] for tool in TOOLS], ["masks", "generate", "-h"]])
+def test_help_does_not_import_lightning(command: list[str]):
+    """Help is quick because nothing heavy is imported: measured times are in docs/performance.md."""
+    code = ("import sys\nfrom cft_lightning.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n"
+            "    pass\nprint('IMPORTED', sorted(m for m in ('lightning', 'timm', 'torchvision') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code, *command], capture_output=True, text=True, timeout=120)
+    assert "usage:" in proc.stdout, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "IMPORTED []", (command, proc.stdout[-300:])
