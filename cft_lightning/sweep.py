@@ -48,7 +48,7 @@ import yaml
 
 from cft_lightning.data.errors import DataError
 from cft_lightning.data.mask_store import atomic_write
-from cft_lightning.tracking import SUMMARY, ensure_wandb_mode
+from cft_lightning.tracking import ensure_wandb_mode, find_run_summary
 
 __all__ = ["SweepRun", "expand_grid", "load_sweep", "main", "render_command", "run_sweep"]
 
@@ -139,11 +139,17 @@ def _stages(command: list[str]) -> list[str]:
     return ["test"] if "test" in command else ["fit"]
 
 
-def _finished(run_dir: Path, command: list[str]) -> bool:
+def _summary(run_dir: Path) -> dict[str, Any]:
+    """The run's `run_summary.json` (in its run folder under `run_dir`; the newest after a resume), or {}."""
+    path = find_run_summary(run_dir)
     try:
-        summary = json.loads((run_dir / SUMMARY).read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8")) if path is not None else {}
     except (OSError, ValueError):
-        return False
+        return {}
+
+
+def _finished(run_dir: Path, command: list[str]) -> bool:
+    summary = _summary(run_dir)
     return all(summary.get(s, {}).get("status") == "finished" for s in _stages(command))
 
 
@@ -211,10 +217,7 @@ def run_sweep(path: str | os.PathLike[str], out: str | os.PathLike[str] | None =
 
 
 def _metrics(run_dir: Path) -> dict[str, float]:
-    try:
-        summary = json.loads((run_dir / SUMMARY).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
+    summary = _summary(run_dir)
     merged: dict[str, float] = {}
     for stage in ("fit", "test"):
         for key, value in summary.get(stage, {}).get("metrics", {}).items():
@@ -294,10 +297,7 @@ def ablation_figure(rows: list[dict[str, Any]], columns: list[str], path: Path, 
 def _log_to_wandb(record: dict[str, Any], out_dir: Path, png: Path) -> None:
     used = set()
     for run in record["runs"]:
-        try:
-            summary = json.loads((Path(run["dir"]) / SUMMARY).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
+        summary = _summary(Path(run["dir"]))
         used.update(lg for stage in summary.values() for lg in stage.get("loggers", []))
     if "WandbLogger" not in used or os.environ.get("WANDB_MODE") == "disabled":
         return

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from cft_lightning.smoke_data import generate
+from cft_lightning.tracking import find_run_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -146,13 +147,13 @@ def test_killed_sweep_leaves_no_orphan_and_reruns_to_completion(tmp_path: Path):
     time.sleep(2)
     orphans = subprocess.run(["pgrep", "-f", f"default_root_dir={second}"], capture_output=True, text=True).stdout
     assert not orphans.strip(), f"an orphaned run survived the runner: {orphans}"
-    assert not (second / "run_summary.json").exists()
+    assert not list(second.rglob("run_summary.json"))
     rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
     record = json.loads((out / "sweep.json").read_text())
     assert [r["status"] for r in record["runs"]] == ["skipped (finished before)", "finished"]
     for run in record["runs"]:
-        summary = json.loads((Path(run["dir"]) / "run_summary.json").read_text())
+        summary = json.loads(find_run_summary(run["dir"]).read_text())
         assert summary["fit"]["status"] == summary["test"]["status"] == "finished"
 
 

@@ -14,6 +14,7 @@ import yaml
 from cft_lightning.cli import main
 from cft_lightning.smoke_data import generate
 from cft_lightning.sweep import expand_grid, load_sweep, render_command, run_name
+from cft_lightning.tracking import find_run_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = sorted((ROOT / "configs" / "sweeps").glob("*.yaml"))
@@ -25,28 +26,41 @@ def smoke_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return generate(tmp_path_factory.mktemp("smoke") / "data", classes=3, per_class=3, size=32, seed=1)
 
 
-def smoke_overrides(data: Path, logs: Path) -> list[str]:
+def smoke_overrides(data: Path, logs: Path | None = None) -> list[str]:
     return [f"--data.root={data / 'images' / 'train'}", f"--data.masks={data / 'masks'}",
             f"--data.val_root={data / 'images' / 'val'}", f"--data.test_root={data / 'images' / 'test'}",
             "--model.backbone.num_classes=3", '--model.backbone.model_kwargs={"img_size": 32, "patch_size": 8, '
-            '"depth": 2}', f"--trainer.logger.init_args.save_dir={logs}", "--trainer.enable_progress_bar=false",
-            "--trainer.enable_model_summary=false"]
+            '"depth": 2}', *([f"--trainer.logger.init_args.save_dir={logs}"] if logs else []),
+            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 
 
 def test_two_run_sweep_end_to_end_and_resume(smoke_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                              capsys: pytest.CaptureFixture):
-    monkeypatch.chdir(ROOT)  # the sweep's command names configs/smoke.yaml relative to the project
+    """The shipped smoke config as it is (its CSV logger pins save_dir: runs/smoke): every run's files live in
+    the run's own folder under the sweep's, and nothing lands in runs/smoke, where `cft test --ckpt_path last`
+    of the smoke config looks."""
+    (tmp_path / "configs").mkdir()  # the sweep's command names configs/smoke.yaml relative to the working dir
+    for name in ("smoke.yaml",):
+        (tmp_path / "configs" / name).write_text((ROOT / "configs" / name).read_text())
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "sweep"
     main(["sweep", str(ROOT / "configs" / "sweeps" / "smoke_lr.yaml"), "--out", str(out),
-          *smoke_overrides(smoke_data, tmp_path / "logs")])
+          *smoke_overrides(smoke_data)])
+    assert not (tmp_path / "runs" / "smoke").exists(), "a sweep run wrote into the config's own folder"
     record = json.loads((out / "sweep.json").read_text())
     assert [r["status"] for r in record["runs"]] == ["finished", "finished"]
     dirs = [Path(r["dir"]) for r in record["runs"]]
     assert dirs[0] != dirs[1] and [d.name for d in dirs] == ["000-lr=0.0001", "001-lr=0.001"]
-    for run in dirs:  # each run fitted and tested in its own folder
-        summary = json.loads((run / "run_summary.json").read_text())
+    for run in dirs:  # each run fitted and tested in its own folder: config, logs, checkpoints, results together
+        summary_path = find_run_summary(run)
+        folder = summary_path.parent
+        assert folder.parent.parent == run  # <run>/lightning_logs/version_0
+        summary = json.loads(summary_path.read_text())
         assert summary["fit"]["status"] == summary["test"]["status"] == "finished"
-        assert Path(summary["test"]["results"]["json"]).is_file()
+        assert summary["fit"]["log_dir"] == summary["test"]["log_dir"] == str(folder)
+        for name in ("config.yaml", "metrics.csv", "fine_tuning_classes.json", "checkpoints/last.ckpt"):
+            assert (folder / name).is_file(), name
+        assert Path(summary["test"]["results"]["json"]).parent == folder
         assert Path(summary["test"]["results"]["results_png"]).is_file()
     rows = record["table"]
     assert [r["model.lr"] for r in rows] == [1e-4, 1e-3]
@@ -55,7 +69,7 @@ def test_two_run_sweep_end_to_end_and_resume(smoke_data: Path, tmp_path: Path, m
     assert "cft sweep smoke_lr: 2 run(s)" in capsys.readouterr().out
     # a rerun skips what finished
     main(["sweep", str(ROOT / "configs" / "sweeps" / "smoke_lr.yaml"), "--out", str(out),
-          *smoke_overrides(smoke_data, tmp_path / "logs")])
+          *smoke_overrides(smoke_data)])
     record = json.loads((out / "sweep.json").read_text())
     assert all(r["status"].startswith("skipped") for r in record["runs"])
     assert [r["test/acc1"] for r in record["table"]] == [r["test/acc1"] for r in rows]
@@ -131,10 +145,14 @@ def test_wandb_run_config_is_the_cli_config_without_secrets(smoke_data: Path, tm
     wandb.finish()
     saved = yaml.safe_load(next(runs.rglob("config.yaml")).read_text())
     assert json.loads(json.dumps(logged)) == json.loads(json.dumps(saved))
-    summary = json.loads((runs / "run_summary.json").read_text())
+    summary_path = find_run_summary(runs)
+    summary = json.loads(summary_path.read_text())
     assert summary["fit"]["loggers"] == ["WandbLogger"] and summary["test"]["status"] == "finished"
-    assert list(runs.rglob("overlays/step_000001.png")), "RelevanceOverlays wrote its first picture"
-    assert list(runs.rglob("overlays.png")) and list(runs.rglob("results.png"))
+    folder = summary_path.parent  # the run's own folder: <save_dir>/<project>/<run id>, not a shared one
+    assert folder == runs / "p" / run.id and summary["fit"]["log_dir"] == str(folder)
+    for name in ("config.yaml", "overlays/step_000001.png", "overlays.png", "results.png", "results.json",
+                 "fine_tuning_classes.json", "checkpoints/last.ckpt"):
+        assert (folder / name).is_file(), name
     offline = list(runs.rglob("run-*.wandb"))
     assert offline, "an offline W&B run was written"
     for path in runs.rglob("*"):
