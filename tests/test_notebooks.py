@@ -30,8 +30,7 @@ def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
         from cft_lightning.smoke_data import generate
 
         generate("runs/smoke_data", classes=4, per_class=6, size=64, seed=0)
-        main(["sweep", "configs/sweeps/smoke_lr.yaml", "--trainer.enable_progress_bar=false",
-              "--trainer.logger.init_args.save_dir=runs/smoke_logs"])
+        main(["sweep", "configs/sweeps/smoke_lr.yaml", "--trainer.enable_progress_bar=false"])
     cells = json.loads(path.read_text())["cells"]
     namespace: dict = {"__name__": "__main__"}
     for i, cell in enumerate(c for c in cells if c["cell_type"] == "code"):
