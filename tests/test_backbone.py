@@ -211,7 +211,12 @@ def test_pretrained_without_checkpoint_offline_raises_helpful_error(tmp_path, mo
         build_backbone(spec(pretrained=True))
     message = str(info.value)
     assert "could not fetch pretrained weights" in message and repr(NAME) in message
-    assert "checkpoint_path" in message and "pretrained: false" in message
+    assert "--model.backbone.checkpoint_path" not in message and "model.backbone.checkpoint_path" in message
+    assert "pretrained: false" not in message  # random weights make no sense for fine-tuning
+    assert "HF_HUB_OFFLINE=1" in message and f"timm.create_model('{NAME}', pretrained=True)" in message
+    with pytest.raises(BackboneError) as info:  # a command with its own flag names it
+        build_backbone(spec(pretrained=True), weights_flag="--weights")
+    assert "with --weights." in str(info.value)
 
 
 # --------------------------------------------------------------------------------------------------

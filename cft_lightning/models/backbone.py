@@ -21,6 +21,7 @@ __all__ = [
     "BackboneSpec",
     "build_backbone",
     "load_weight_file",
+    "offline_message",
     "read_state_dict",
     "resolve_data_config",
 ]
@@ -63,8 +64,9 @@ def _check_name(name: str) -> None:
         raise BackboneError(f"model.backbone.name: timm has no model {name!r}.{hint}")
 
 
-def build_backbone(spec: BackboneSpec) -> nn.Module:
-    """Create the timm model described by `spec`, with its starting weights loaded."""
+def build_backbone(spec: BackboneSpec, weights_flag: str = "model.backbone.checkpoint_path") -> nn.Module:
+    """Create the timm model described by `spec`, with its starting weights loaded. `weights_flag` is the
+    option that gives a local weight file in the calling command (named when the hub cannot be reached)."""
     _check_name(spec.name)
     kwargs: dict[str, Any] = dict(spec.model_kwargs)
     if spec.num_classes is not None:
@@ -81,10 +83,18 @@ def build_backbone(spec: BackboneSpec) -> nn.Module:
     except (RuntimeError, OSError, KeyError, ValueError) as err:
         if not spec.pretrained:
             raise
-        raise BackboneError(
-            f"could not fetch pretrained weights for {spec.name!r} ({type(err).__name__}: {err}). Offline? "
-            "Set model.backbone.checkpoint_path to a local weight file, or model.backbone.pretrained: false."
-        ) from err
+        raise BackboneError(offline_message(spec.name, err, weights_flag)) from err
+
+
+def offline_message(name: str, err: BaseException, weights_flag: str) -> str:
+    """What to do when the hub's weights for `name` cannot be fetched: pre-download them where the hub is
+    reachable, or give the command a local file; `HF_HUB_OFFLINE=1` makes the failure immediate."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return (f"could not fetch pretrained weights for {name!r} from the Hugging Face hub ({type(err).__name__}: "
+            f"{first[:300]}). Offline? Either pre-download them on a machine with internet (`python -c \"import "
+            f"timm; timm.create_model('{name}', pretrained=True)\"` fills ~/.cache/huggingface/hub, which can be "
+            f"copied here; set HF_HOME if it lives elsewhere), or pass a local weight file with {weights_flag}. "
+            "With HF_HUB_OFFLINE=1 this fails at once instead of after the hub's retries.")
 
 
 def _check_weight_file(checkpoint_path: str) -> str:
