@@ -1,5 +1,6 @@
 # Two commands on a fresh machine:
-#   make demo   -> creates .venv, installs everything, runs `cft demo` (shortcut model + guided fine-tuning, CPU)
+#   make demo   -> creates .venv, installs the package (no extras), runs `cft demo` (shortcut model + guided
+#                  fine-tuning, CPU)
 #   make test   -> creates .venv, installs everything (with test extras), runs the test suite
 PY ?= python3
 VENV ?= .venv
@@ -13,14 +14,20 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+# the package and its core dependencies: all `make demo` needs
+$(VENV)/.core: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q $(TORCH_SPEC)
+	$(BIN)/pip install -q -e .
+	touch $@
+
+# + every extra and the test tools
+$(VENV)/.installed: $(VENV)/.core
 	$(BIN)/pip install -q -e ".[test]"
 	touch $@
 
 venv install: $(VENV)/.installed
 
-demo: $(VENV)/.installed
+demo: $(VENV)/.core
 	WANDB_MODE=disabled $(BIN)/cft demo --out runs/demo
 
 smoke: $(VENV)/.installed
