@@ -26,6 +26,7 @@ from cft_lightning.evaluation.metrics import accuracy_metrics
 from cft_lightning.models.backbone import BackboneSpec, build_backbone, freeze, resolve_data_config
 from cft_lightning.models.evaluation_stage import EvaluationStage
 from cft_lightning.regularizers.base import Regularizer, RegularizerOutput
+from cft_lightning.relevance._vit import UnsupportedModelError
 from cft_lightning.relevance.base import RelevanceMethod
 
 __all__ = ["GuidedFineTuner", "NonFiniteLossError"]
@@ -70,6 +71,19 @@ def _freeze_by_prefix(model: nn.Module, prefixes: list[str]) -> list[str]:
     if chosen and len(chosen) == len(names):
         raise ValueError("model.frozen freezes every parameter of the backbone: nothing would be trained")
     return sorted(chosen)
+
+
+def _check_relevance(relevance: RelevanceMethod, model: nn.Module, name: str, training: bool) -> None:
+    """One line naming the method and the model when `relevance` cannot explain `model`: in training mode when
+    the objective trains on the maps, else in eval mode (test and pictures only: dropout does not matter)."""
+    was_training = model.training
+    model.train(training)
+    try:
+        relevance.check_model(model)
+    except UnsupportedModelError as err:
+        raise UnsupportedModelError(f"model.relevance {type(relevance).__name__} cannot explain {name}: {err}") from err
+    finally:
+        model.train(was_training)
 
 
 class GuidedFineTuner(EvaluationStage, L.LightningModule):
@@ -133,9 +147,10 @@ class GuidedFineTuner(EvaluationStage, L.LightningModule):
                                 relevance=None if relevance is None else _plugin_config(relevance))
         self.backbone_spec = backbone
         self.backbone = build_backbone(backbone)
-        if relevance is not None and getattr(regularizer, "needs_relevance", False):
-            relevance.check_model(self.backbone)  # fail at start-up, not at the first step
-            if getattr(relevance, "differentiability", None) == "none":
+        if relevance is not None:  # fail at start-up, not at the first step (training, test alignment, overlays)
+            guided = getattr(regularizer, "needs_relevance", False)
+            _check_relevance(relevance, self.backbone, backbone.name, training=guided)
+            if guided and getattr(relevance, "differentiability", None) == "none":
                 rank_zero_warn(
                     f"model.relevance {type(relevance).__name__} is not differentiable: the relevance terms of "
                     f"{type(regularizer).__name__} are constants and only its other terms train the model"
