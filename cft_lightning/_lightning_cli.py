@@ -131,6 +131,22 @@ class CFTCLI(LightningCLI):
         kwargs.setdefault("parser_class", _Parser)
         super().__init__(GuidedFineTuner, GuidanceDataModule, *args, **kwargs)
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        self._argv = sys.argv[1:] if args is None else list(args) if isinstance(args, list | tuple) else []
+        super().parse_arguments(parser, args)
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning puts a `--ckpt_path FILE`'s saved hyperparameters over `model.*`: keep the command line's
+        `--model.*` flags on top (refusing those that change the network: `cli_ckpt.py`, docs/results.md)."""
+        from cft_lightning.cli_ckpt import honour_model_overrides
+
+        sub = self.config.get("subcommand")
+        before = self.config.clone()
+        super()._parse_ckpt_path()
+        ckpt_path = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt_path and os.path.isfile(ckpt_path):
+            honour_model_overrides(before, self.config, sub, getattr(self, "_argv", []), ckpt_path)
+
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
         """Lightning titles the subcommand's own options with the first line of the Trainer method's docstring,
         which `test` cuts mid-sentence: our own titles instead."""

@@ -3,10 +3,12 @@
     cft explain --ckpt runs/vit_b_cft/.../last.ckpt --images val/ --method attnlrp --out runs/explain
     cft explain --model vit_base_patch16_224.augreg2_in21k_ft_in1k --pretrained --images img.jpg --method gradcam
     cft explain --model vit_tiny_patch16_224 --weights tiny.pth --images imgs/ --masks store/ --mask_kind concept
+    cft explain --ckpt runs/digits/.../last.ckpt --images digits/ --method gradcam --layer layer3
 
-One PNG per image (its path relative to `--images`, as .png): the image as the model sees it (the model's
-evaluation transform), the mask when a mask store is given, then one overlay per model. `explain.json`
-lists every image's explained class and prediction per model. Images are explained in batches.
+One PNG per image (its path relative to `--images`, as .png): the image as the model sees it (the run's
+evaluation transform: with `--ckpt` the run's own `data.data_config`, else the model's timm data config), the
+mask when a mask store is given, then one overlay per model. `explain.json` lists every image's explained
+class and prediction per model. Images are explained in batches.
 """
 
 from __future__ import annotations
@@ -35,10 +37,13 @@ from cft_lightning.relevance import (
     InputXGradient,
     LayerGradXActivation,
     RelevanceMethod,
+    UnsupportedModelError,
     ZennitLRP,
 )
+from cft_lightning.relevance.grad_cam import default_cam_layer
+from cft_lightning.relevance.layer_grad_x_activation import default_feature_layer
 
-__all__ = ["EXPLAIN_METHODS", "explain", "load_models", "main"]
+__all__ = ["EXPLAIN_METHODS", "LAYER_METHODS", "explain", "load_models", "main", "run_data_config"]
 
 EXPLAIN_METHODS: dict[str, Any] = {
     "attnlrp": lambda: AttnLRP(),
@@ -51,6 +56,8 @@ EXPLAIN_METHODS: dict[str, Any] = {
     "grad_x_act": lambda: LayerGradXActivation(),
     "lrp": lambda: ZennitLRP("epsilon_plus_flat"),  # CNNs (zennit), explanation only
 }
+# methods that explain one layer: `--layer` names it (default: the method's choice for the model)
+LAYER_METHODS: dict[str, Any] = {"gradcam": GradCAM, "grad_x_act": LayerGradXActivation}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -63,6 +70,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--num_classes", type=int, default=None, help="with --model: head size (default: the model's)")
     p.add_argument("--images", required=True, nargs="+", help="image files and/or folders (searched recursively)")
     p.add_argument("--method", default="attnlrp", choices=sorted(EXPLAIN_METHODS), help="default: %(default)s")
+    p.add_argument("--layer", default=None,
+                   help=f"with --method {' or '.join(LAYER_METHODS)}: the module explained, a dotted path (e.g. "
+                   "layer3 or stages.-2 for a CNN, blocks.-1.norm1 for a ViT; default: the method's choice, "
+                   "gradcam the last feature stage, grad_x_act the one before)")
     p.add_argument("--target", default="pred",
                    help="class to explain: `pred` (each model's prediction) or a class index (default: pred)")
     p.add_argument("--masks", help="mask store whose masks are drawn beside the maps (keys: paths under --images)")
@@ -94,6 +105,32 @@ def load_models(args: argparse.Namespace) -> dict[str, nn.Module]:
     return {"model": build_backbone(spec).eval()}
 
 
+def run_data_config(ckpt: str | Path) -> dict[str, Any] | None:
+    """The data config the run of a `cft fit` checkpoint used: saved in the checkpoint (`on_save_checkpoint`),
+    else `data.data_config` of the run's saved `config*.yaml` next to it; None when neither says (the run
+    used the model's timm config)."""
+    from cft_lightning.models.fine_tuner import DATA_CONFIG_KEY
+
+    try:
+        saved = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get(DATA_CONFIG_KEY)
+    except RuntimeError:  # not a zip-format checkpoint, which mmap needs: read it whole
+        saved = torch.load(ckpt, map_location="cpu", weights_only=True).get(DATA_CONFIG_KEY)
+    if saved is not None:
+        return dict(saved)
+    import yaml
+
+    path = Path(ckpt).resolve()
+    for folder in (path.parent, path.parent.parent):  # <run>/checkpoints/last.ckpt, <run>/config.yaml
+        for config in sorted(folder.glob("config*.yaml")):
+            try:
+                data = (yaml.safe_load(config.read_text()) or {}).get("data") or {}
+            except (OSError, yaml.YAMLError, AttributeError):
+                continue
+            if "data_config" in data:
+                return data["data_config"]
+    return None
+
+
 def _collect(paths: list[str]) -> list[tuple[Path, str]]:
     """(file, key) pairs: the key is the path relative to its folder argument (or the file name)."""
     found: list[tuple[Path, str]] = []
@@ -113,8 +150,10 @@ def _collect(paths: list[str]) -> list[tuple[Path, str]]:
 
 def explain(models: dict[str, nn.Module], method: RelevanceMethod, images: list[tuple[Path, str]], out: Path,
             target: str = "pred", masks: MaskStore | None = None, mask_kind: str = "concept",
-            batch_size: int = 16, progress: bool = True) -> list[dict[str, Any]]:
-    """Explain every image with every model, write one overlay PNG per image and return the records."""
+            batch_size: int = 16, progress: bool = True, data_config: dict[str, Any] | None = None
+            ) -> list[dict[str, Any]]:
+    """Explain every image with every model, write one overlay PNG per image and return the records.
+    `data_config`: the evaluation transform's timm data config (None: the first model's own)."""
     from rich.progress import track
 
     from cft_lightning.demo.report import overlay_grid
@@ -122,7 +161,7 @@ def explain(models: dict[str, nn.Module], method: RelevanceMethod, images: list[
     first = next(iter(models.values()))
     for m in models.values():
         method.check_model(m)
-    config = resolve_data_config(first)
+    config = dict(data_config) if data_config is not None else resolve_data_config(first)
     transform = JointTransform(config, train=False)
     mean = torch.tensor(config["mean"]).view(3, 1, 1)
     std = torch.tensor(config["std"]).view(3, 1, 1)
@@ -170,9 +209,23 @@ def main(argv: list[str] | None = None) -> None:
             raise DataError(f"--masks: {len(missing)} image(s) have no {args.mask_kind!r} mask in {args.masks}, "
                             f"e.g. {masks.path(missing[0], args.mask_kind)}")
     out = Path(args.out)
-    method = EXPLAIN_METHODS[args.method]()
+    if args.layer is not None and args.method not in LAYER_METHODS:
+        raise DataError(f"--layer applies to --method {' or '.join(LAYER_METHODS)}, not {args.method!r}")
+    method = LAYER_METHODS[args.method](layer=args.layer) if args.layer else EXPLAIN_METHODS[args.method]()
+    data_config = run_data_config(args.ckpt) if args.ckpt else None
+    try:
+        for model in models.values():
+            method.check_model(model)
+    except UnsupportedModelError as err:
+        raise UnsupportedModelError(f"--method {args.method}{f' --layer {args.layer}' if args.layer else ''}: "
+                                    f"{err}") from err
     with torch.enable_grad():
         records = explain(models, method, images, out, args.target, masks, args.mask_kind, args.batch_size,
-                          progress=not args.no_progress)
-    (out / "explain.json").write_text(json.dumps({"method": args.method, "images": records}, indent=2) + "\n")
+                          progress=not args.no_progress, data_config=data_config)
+    summary: dict[str, Any] = {"method": args.method}
+    if args.method in LAYER_METHODS:
+        default = default_cam_layer if args.method == "gradcam" else default_feature_layer
+        summary["layer"] = args.layer or default(next(iter(models.values())))
+    summary["data_config"] = data_config or resolve_data_config(next(iter(models.values())))
+    (out / "explain.json").write_text(json.dumps({**summary, "images": records}, indent=2) + "\n")
     print(f"cft explain: {len(records)} overlay(s) in {out} (method {args.method}, models {', '.join(models)})")

@@ -514,7 +514,7 @@ def test_invalid_optimiser_settings_are_rejected(kwargs: dict[str, Any], match: 
 def test_relevance_checks_the_backbone_at_construction():
     with pytest.raises(UnsupportedModelError, match="drop"):
         GuidedFineTuner(spec(drop_path_rate=0.1), CFT(), AttnLRP())
-    GuidedFineTuner(spec(drop_path_rate=0.1), PlainFineTuning(), AttnLRP())  # unused relevance: not checked
+    GuidedFineTuner(spec(drop_path_rate=0.1), PlainFineTuning(), AttnLRP())  # test-only relevance: eval mode
 
 
 @pytest.mark.parametrize("stage", ["fit", "test"])

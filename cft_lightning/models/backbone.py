@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,11 +76,13 @@ def build_backbone(spec: BackboneSpec, weights_flag: str = "model.backbone.check
         kwargs["num_classes"] = spec.num_classes
     if spec.checkpoint_path is not None:
         path = _check_weight_file(spec.checkpoint_path)
-        model = timm.create_model(spec.name, pretrained=False, **kwargs)
+        model = _create(spec, kwargs, pretrained=False)
         load_weight_file(model, path)
         return model
     try:
-        return timm.create_model(spec.name, pretrained=spec.pretrained, **kwargs)
+        return _create(spec, kwargs, pretrained=spec.pretrained)
+    except BackboneError:
+        raise
     except (RuntimeError, OSError, KeyError, ValueError) as err:
         if not spec.pretrained:
             raise
@@ -95,6 +98,24 @@ def offline_message(name: str, err: BaseException, weights_flag: str) -> str:
             f"timm; timm.create_model('{name}', pretrained=True)\"` fills ~/.cache/huggingface/hub, which can be "
             f"copied here; set HF_HOME if it lives elsewhere), or pass a local weight file with {weights_flag}. "
             "With HF_HUB_OFFLINE=1 this fails at once instead of after the hub's retries.")
+
+
+def _create(spec: BackboneSpec, kwargs: dict[str, Any], pretrained: bool) -> nn.Module:
+    """`timm.create_model`, with a keyword argument the model does not take named in one line."""
+    try:
+        return timm.create_model(spec.name, pretrained=pretrained, **kwargs)
+    except TypeError as err:
+        match = re.search(r"unexpected keyword argument '(\w+)'", str(err))
+        if match is None or match.group(1) not in spec.model_kwargs:
+            raise
+        key = match.group(1)
+        hint = ""
+        if key in ("img_size", "input_size"):
+            hint = ("; this model takes images of any size: set the size images are resized to with "
+                    "data.data_config (input_size: [3, H, W] and the model's mean and std)")
+        raise BackboneError(
+            f"model.backbone.model_kwargs: timm model {spec.name!r} does not take {key!r}{hint}"
+        ) from err
 
 
 def _check_weight_file(checkpoint_path: str) -> str:

@@ -131,7 +131,8 @@ class EvaluationStage:
             models = {"original": self._reference, "fine_tuned": self.backbone}
             maps = {name: self.relevance(m, images.to(self.device), None, differentiable=False).maps.cpu()
                     for name, m in models.items() if m is not None}
-            config = resolve_data_config(self.backbone)
+            datamodule = getattr(self.trainer, "datamodule", None)  # the images' own normalisation
+            config = getattr(datamodule, "data_config", None) or resolve_data_config(self.backbone)
             path = overlay_grid(denormalize(images, config["mean"], config["std"]), None, maps,
                                 Path(directory) / "overlays.png")
             pictures["overlays_png"] = str(path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import importlib
 import inspect
+import json
 import math
 from collections.abc import Callable
 from dataclasses import asdict
@@ -25,10 +26,14 @@ from torch import Tensor, nn
 from cft_lightning.evaluation.metrics import accuracy_metrics
 from cft_lightning.models.backbone import BackboneSpec, build_backbone, freeze, resolve_data_config
 from cft_lightning.models.evaluation_stage import EvaluationStage
+from cft_lightning.models.input_size import input_size_warning, native_image_size
 from cft_lightning.regularizers.base import Regularizer, RegularizerOutput
+from cft_lightning.relevance._vit import UnsupportedModelError
 from cft_lightning.relevance.base import RelevanceMethod
 
-__all__ = ["GuidedFineTuner", "NonFiniteLossError"]
+__all__ = ["DATA_CONFIG_KEY", "GuidedFineTuner", "NonFiniteLossError"]
+
+DATA_CONFIG_KEY = "cft_data_config"  # the checkpoint entry with the run's data config (`on_save_checkpoint`)
 
 _STAGES = ("train", "val")  # test metrics live in the Evaluator
 
@@ -70,6 +75,19 @@ def _freeze_by_prefix(model: nn.Module, prefixes: list[str]) -> list[str]:
     if chosen and len(chosen) == len(names):
         raise ValueError("model.frozen freezes every parameter of the backbone: nothing would be trained")
     return sorted(chosen)
+
+
+def _check_relevance(relevance: RelevanceMethod, model: nn.Module, name: str, training: bool) -> None:
+    """One line naming the method and the model when `relevance` cannot explain `model`: in training mode when
+    the objective trains on the maps, else in eval mode (test and pictures only: dropout does not matter)."""
+    was_training = model.training
+    model.train(training)
+    try:
+        relevance.check_model(model)
+    except UnsupportedModelError as err:
+        raise UnsupportedModelError(f"model.relevance {type(relevance).__name__} cannot explain {name}: {err}") from err
+    finally:
+        model.train(was_training)
 
 
 class GuidedFineTuner(EvaluationStage, L.LightningModule):
@@ -133,9 +151,10 @@ class GuidedFineTuner(EvaluationStage, L.LightningModule):
                                 relevance=None if relevance is None else _plugin_config(relevance))
         self.backbone_spec = backbone
         self.backbone = build_backbone(backbone)
-        if relevance is not None and getattr(regularizer, "needs_relevance", False):
-            relevance.check_model(self.backbone)  # fail at start-up, not at the first step
-            if getattr(relevance, "differentiability", None) == "none":
+        if relevance is not None:  # fail at start-up, not at the first step (training, test alignment, overlays)
+            guided = getattr(regularizer, "needs_relevance", False)
+            _check_relevance(relevance, self.backbone, backbone.name, training=guided)
+            if guided and getattr(relevance, "differentiability", None) == "none":
                 rank_zero_warn(
                     f"model.relevance {type(relevance).__name__} is not differentiable: the relevance terms of "
                     f"{type(regularizer).__name__} are constants and only its other terms train the model"
@@ -161,6 +180,7 @@ class GuidedFineTuner(EvaluationStage, L.LightningModule):
         )
         self._warned_inference = False
         self._warned_val_masks = False
+        self._warned_input_size = False
         self._overlay_images: Tensor | None = None
 
     # ------------------------------------------------------------------ reference model
@@ -192,6 +212,13 @@ class GuidedFineTuner(EvaluationStage, L.LightningModule):
     def forward(self, images: Tensor) -> Tensor:
         return self.backbone(images)
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the run's data config in the checkpoint (`data.data_config`, else the model's timm config), so
+        `cft explain --ckpt` sees images as the run did."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        config = getattr(datamodule, "data_config", None) or self.data_config
+        checkpoint[DATA_CONFIG_KEY] = json.loads(json.dumps(dict(config)))  # plain data: loads weights-only
+
     # ------------------------------------------------------------------ setup checks
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -203,6 +230,13 @@ class GuidedFineTuner(EvaluationStage, L.LightningModule):
                 f"the data has {n_data} classes but the backbone head has {self.num_classes}: set "
                 f"model.backbone.num_classes: {n_data} (or use an ImageNet-indexed class list with a 1000-class head)"
             )
+        if getattr(datamodule, "data_config", None) is None and not self._warned_input_size:
+            self._warned_input_size = True  # once per run: the data's size against the model's timm input size
+            patch_model = getattr(getattr(self.backbone, "patch_embed", None), "img_size", None) is not None
+            message = input_size_warning(native_image_size(datamodule, stage), self.data_config["input_size"],
+                                         self.backbone_spec.name, patch_model)
+            if message:
+                rank_zero_warn(message)
         benchmarks = [n for n in getattr(datamodule, "benchmark_splits", []) if n != "imagenet_seg"]
         if stage == "test" and benchmarks and self.num_classes != 1000:
             raise ValueError(

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from cft_lightning.relevance._vit import UnsupportedModelError, explicit_attention
 from cft_lightning.relevance.base import resolve_targets
 
-__all__ = ["layer_activation_and_gradient", "resolve_module"]
+__all__ = ["cnn_feature_layers", "layer_activation_and_gradient", "resolve_module"]
 
 
 def resolve_module(model: nn.Module, path: str) -> nn.Module:
@@ -23,6 +23,14 @@ def resolve_module(model: nn.Module, path: str) -> nn.Module:
     return module
 
 
+def cnn_feature_layers(model: nn.Module) -> list[str]:
+    """Dotted paths of a CNN's feature stages, shallow to deep, from timm's `feature_info` (ResNet: `act1`,
+    `layer1` ... `layer4`); empty for a model without one. For models without a `stages` container."""
+    info = getattr(model, "feature_info", None)
+    modules = [entry.get("module") for entry in info if isinstance(entry, dict)] if isinstance(info, list) else []
+    return [m for m in modules if isinstance(m, str) and m]
+
+
 def layer_activation_and_gradient(
     model: nn.Module, images: Tensor, targets: Tensor | None, path: str, differentiable: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -30,7 +38,16 @@ def layer_activation_and_gradient(
     the gradient keeps its graph (`create_graph`), so maps built from it have exact parameter gradients."""
     module = resolve_module(model, path)
     outputs: list[Tensor] = []
-    handle = module.register_forward_hook(lambda _m, _i, out: outputs.append(out))
+
+    def record(_module: nn.Module, _inputs: tuple, out: Tensor) -> Tensor:
+        # A frozen model (the reference: no parameter and no image requires grad) gives an output outside any
+        # graph: make it a leaf that requires grad, and let the rest of the pass run from it, so dy/dA exists.
+        if isinstance(out, Tensor) and not out.requires_grad:
+            out = out.detach().requires_grad_()
+        outputs.append(out)
+        return out
+
+    handle = module.register_forward_hook(record)
     try:
         with explicit_attention(model):
             logits = model(images)

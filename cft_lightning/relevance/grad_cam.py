@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from cft_lightning.relevance._layers import layer_activation_and_gradient, resolve_module
+from cft_lightning.relevance._layers import cnn_feature_layers, layer_activation_and_gradient, resolve_module
 from cft_lightning.relevance._vit import UnsupportedModelError
 from cft_lightning.relevance.base import Normalization, RelevanceMethod
 from cft_lightning.relevance.gradient_rollout import _grid
@@ -23,13 +23,17 @@ __all__ = ["GradCAM", "default_cam_layer"]
 
 
 def default_cam_layer(model: nn.Module) -> str:
-    """`blocks.-1.norm1` for ViTs, `stages.-1` for staged CNNs (ConvNeXt, ResNet-like timm models)."""
+    """`blocks.-1.norm1` for ViTs; for CNNs the last feature stage: `stages.-1` (ConvNeXt and other staged timm
+    CNNs), else the last module of timm's `feature_info` (`layer4` for ResNets)."""
     blocks = getattr(model, "blocks", None)
     if isinstance(blocks, nn.Sequential | nn.ModuleList) and len(blocks) and hasattr(blocks[-1], "norm1"):
         return "blocks.-1.norm1"
     stages = getattr(model, "stages", None)
     if isinstance(stages, nn.Sequential | nn.ModuleList) and len(stages):
         return "stages.-1"
+    layers = cnn_feature_layers(model)
+    if layers:
+        return layers[-1]
     raise UnsupportedModelError(
         f"no default Grad-CAM layer for {type(model).__name__}: name one with GradCAM(layer='<module path>')"
     )

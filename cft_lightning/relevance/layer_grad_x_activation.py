@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from cft_lightning.relevance._layers import layer_activation_and_gradient, resolve_module
+from cft_lightning.relevance._layers import cnn_feature_layers, layer_activation_and_gradient, resolve_module
 from cft_lightning.relevance._vit import UnsupportedModelError
 from cft_lightning.relevance.base import Normalization, RelevanceMethod
 from cft_lightning.relevance.gradient_rollout import _grid
@@ -26,14 +26,18 @@ __all__ = ["LayerGradXActivation", "default_feature_layer"]
 
 
 def default_feature_layer(model: nn.Module) -> str:
-    """`stages.-2` for staged CNNs (a 14 x 14 grid at 224 px for ConvNeXt, like ViT-B/16's), else the input
-    of a ViT's last block (`blocks.-1.norm1`)."""
+    """`stages.-2` for staged CNNs (a 14 x 14 grid at 224 px for ConvNeXt, like ViT-B/16's), the input of a
+    ViT's last block (`blocks.-1.norm1`), else the next-to-last module of timm's `feature_info` (`layer3`
+    for ResNets)."""
     stages = getattr(model, "stages", None)
     if isinstance(stages, nn.Sequential | nn.ModuleList) and len(stages) >= 2:
         return "stages.-2"
     blocks = getattr(model, "blocks", None)
     if isinstance(blocks, nn.Sequential | nn.ModuleList) and len(blocks) and hasattr(blocks[-1], "norm1"):
         return "blocks.-1.norm1"
+    layers = cnn_feature_layers(model)
+    if len(layers) >= 2:
+        return layers[-2]
     raise UnsupportedModelError(
         f"no default feature layer for {type(model).__name__}: name one with LayerGradXActivation(layer=...)"
     )
