@@ -5,8 +5,11 @@
     cft explain --model vit_tiny_patch16_224 --weights tiny.pth --images imgs/ --masks store/ --mask_kind concept
 
 One PNG per image (its path relative to `--images`, as .png): the image as the model sees it (the model's
-evaluation transform), the mask when a mask store is given, then one overlay per model. `explain.json`
-lists every image's explained class and prediction per model. Images are explained in batches.
+evaluation transform), the mask when a mask store is given, then one overlay per model with its prediction
+under it, and a colour bar. Classes are named by `--classes` (ImageNet's names for a 1000-class head by
+default, indices otherwise); an image inside a folder named after a class has that class as its true class,
+written under the image and in `explain.json`, which lists every image's explained class and prediction per
+model. Images are explained in batches.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch
 from torch import nn
 
 from cft_lightning.data.errors import DataError
-from cft_lightning.data.image_folder import is_image_file, load_image
+from cft_lightning.data.image_folder import imagenet_classes, is_image_file, load_image, resolve_class_list
 from cft_lightning.data.mask_store import MaskStore
 from cft_lightning.data.transforms import JointTransform
 from cft_lightning.models.backbone import BackboneSpec, build_backbone, resolve_data_config
@@ -67,6 +70,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="class to explain: `pred` (each model's prediction) or a class index (default: pred)")
     p.add_argument("--masks", help="mask store whose masks are drawn beside the maps (keys: paths under --images)")
     p.add_argument("--mask_kind", default="concept", help="mask kind to draw (default: %(default)s)")
+    p.add_argument("--classes", default=None,
+                   help="class names for the labels: 'imagenet', a text file with one class per line, or a folder "
+                   "whose sorted sub-folders are the classes (default: imagenet for a 1000-class head, else "
+                   "indices)")
     p.add_argument("--out", default="runs/explain", help="output folder (default: %(default)s)")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--no_progress", action="store_true")
@@ -111,13 +118,36 @@ def _collect(paths: list[str]) -> list[tuple[Path, str]]:
     return found
 
 
+def class_names_for(spec: str | None, model: nn.Module) -> list[str] | None:
+    """`--classes`: 'imagenet', a class-list file or a folder of class folders; by default ImageNet's classes for
+    a 1000-class head, None (indices) otherwise."""
+    outputs = getattr(model, "num_classes", None)
+    if spec is None:
+        return imagenet_classes() if outputs == 1000 else None
+    try:
+        folder = spec != "imagenet" and Path(spec).is_dir()
+        names = resolve_class_list(None, spec) if folder else resolve_class_list(spec)
+    except DataError as exc:
+        raise DataError(f"--classes {spec}: {exc}") from exc
+    if outputs is not None and len(names) != outputs:
+        raise DataError(f"--classes {spec}: {len(names)} classes, but the model has {outputs} outputs")
+    return names
+
+
+def _true_class(key: str, class_names: list[str] | None) -> int | None:
+    """The class of an image inside a folder named after a class (`<class>/<file>` under --images), else None."""
+    parent = Path(key).parent.name
+    return class_names.index(parent) if class_names and parent in class_names else None
+
+
 def explain(models: dict[str, nn.Module], method: RelevanceMethod, images: list[tuple[Path, str]], out: Path,
             target: str = "pred", masks: MaskStore | None = None, mask_kind: str = "concept",
-            batch_size: int = 16, progress: bool = True) -> list[dict[str, Any]]:
+            batch_size: int = 16, progress: bool = True, class_names: list[str] | None = None
+            ) -> list[dict[str, Any]]:
     """Explain every image with every model, write one overlay PNG per image and return the records."""
     from rich.progress import track
 
-    from cft_lightning.demo.report import overlay_grid
+    from cft_lightning.evaluation.plots import class_labels, overlay_grid
 
     first = next(iter(models.values()))
     for m in models.values():
@@ -145,12 +175,19 @@ def explain(models: dict[str, nn.Module], method: RelevanceMethod, images: list[
         for i, (path, key) in enumerate(chunk):
             mask = None if masks is None else shown[i].numpy()[None]
             png = out / Path(key).with_suffix(".png")
+            truth = _true_class(key, class_names)
+            predicted = {name: class_labels(preds[name][i : i + 1], class_names) for name in models}
             overlay_grid(pixels[i : i + 1], mask, {n: m[i : i + 1] for n, m in maps.items()}, png,
-                         mask_title=f"{mask_kind} mask")
-            records.append({"image": str(path), "png": str(png), **{
-                name: {"explained_class": int(explained[name][i]), "predicted_class": int(preds[name][i])}
-                for name in models
-            }})
+                         mask_title=f"{mask_kind} mask", predictions=predicted,
+                         true_classes=None if truth is None else class_labels([truth], class_names))
+            record: dict[str, Any] = {"image": str(path), "png": str(png)}
+            if truth is not None:
+                record.update(true_class=truth, true_name=class_labels([truth], class_names)[0])
+            for name in models:
+                record[name] = {"explained_class": int(explained[name][i]), "predicted_class": int(preds[name][i])}
+                if class_names:
+                    record[name]["predicted_name"] = predicted[name][0]
+            records.append(record)
     return records
 
 
@@ -171,8 +208,9 @@ def main(argv: list[str] | None = None) -> None:
                             f"e.g. {masks.path(missing[0], args.mask_kind)}")
     out = Path(args.out)
     method = EXPLAIN_METHODS[args.method]()
+    class_names = class_names_for(args.classes, next(iter(models.values())))
     with torch.enable_grad():
         records = explain(models, method, images, out, args.target, masks, args.mask_kind, args.batch_size,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, class_names=class_names)
     (out / "explain.json").write_text(json.dumps({"method": args.method, "images": records}, indent=2) + "\n")
     print(f"cft explain: {len(records)} overlay(s) in {out} (method {args.method}, models {', '.join(models)})")
