@@ -5,8 +5,8 @@ directory (`predictions.csv`; under DDP one `predictions-rank<r>.csv` per proces
 different shard of the images).
 
 `RelevanceOverlays`: every N training steps, the relevance maps of a few images of the batch for the
-Original and the fine-tuned model, written as `<log_dir>/overlays/step_<n>.png` and logged as an image to W&B
-or TensorBoard:
+Original and the fine-tuned model (each row: the true class, each model's prediction; a colour bar), written as
+`<log_dir>/overlays/step_<n>.png` and logged as an image to W&B or TensorBoard:
 
     trainer:
       callbacks:
@@ -27,6 +27,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
+from cft_lightning.data.errors import DataError
 from cft_lightning.tracking import run_dir
 
 __all__ = ["PredictionWriter", "RelevanceOverlays"]
@@ -122,13 +123,18 @@ class RelevanceOverlays(Callback):
                 rank_zero_warn("RelevanceOverlays: the model has no relevance method (model.relevance); no overlays")
                 self._warned = True
             return
-        from cft_lightning.evaluation.plots import denormalize, overlay_grid
+        from cft_lightning.evaluation.plots import class_labels, denormalize, overlay_grid
         from cft_lightning.models.backbone import resolve_data_config
         from cft_lightning.tracking import log_images
 
         images = batch["image"][: self.num_images].detach()
         models = {"original": getattr(pl_module, "_reference", None), "fine_tuned": pl_module.backbone}
-        maps = {}
+        labels = batch["label"][: self.num_images]
+        maps, predictions = {}, {}
+        try:
+            names = getattr(trainer.datamodule, "class_names", None)
+        except (AttributeError, DataError):  # no datamodule or no class list: classes by index
+            names = None
         for name, model in models.items():
             if model is None:
                 continue
@@ -136,13 +142,15 @@ class RelevanceOverlays(Callback):
             model.eval()
             try:
                 with torch.enable_grad():
-                    maps[name] = relevance(model, images, batch["label"][: self.num_images],
-                                           differentiable=False).maps.cpu()
+                    rel = relevance(model, images, labels, differentiable=False)
             finally:
                 model.train(was_training)
+            maps[name] = rel.maps.cpu()
+            predictions[name] = class_labels(rel.logits.argmax(1).cpu(), names)
         config = resolve_data_config(pl_module.backbone)
         path = overlay_grid(denormalize(images, config["mean"], config["std"]), None, maps,
-                            Path(directory) / "overlays" / f"step_{step:06d}.png")
+                            Path(directory) / "overlays" / f"step_{step:06d}.png",
+                            true_classes=class_labels(labels.cpu(), names), predictions=predictions)
         self.written.append(str(path))
         from PIL import Image
 

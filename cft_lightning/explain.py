@@ -7,8 +7,11 @@
 
 One PNG per image (its path relative to `--images`, as .png): the image as the model sees it (the run's
 evaluation transform: with `--ckpt` the run's own `data.data_config`, else the model's timm data config), the
-mask when a mask store is given, then one overlay per model. `explain.json` lists every image's explained
-class and prediction per model. Images are explained in batches.
+mask when a mask store is given, then one overlay per model with its prediction under it, and a colour bar.
+Classes are named by `--classes` (ImageNet's names for a 1000-class head by default, indices otherwise); an
+image inside a folder named after a class has that class as its true class, written under the image and in
+`explain.json`, which lists every image's explained class and prediction per model. Images are explained in
+batches.
 """
 
 from __future__ import annotations
@@ -17,47 +20,43 @@ import argparse
 import json
 import pickle
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from cft_lightning.data.errors import DataError
-from cft_lightning.data.image_folder import is_image_file, load_image
-from cft_lightning.data.mask_store import MaskStore
-from cft_lightning.data.transforms import JointTransform
-from cft_lightning.models.backbone import BackboneSpec, build_backbone, resolve_data_config
-from cft_lightning.relevance import (
-    IIA,
-    AttnLRP,
-    GradCAM,
-    GradientRollout,
-    InputGradient,
-    InputXGradient,
-    LayerGradXActivation,
-    RelevanceMethod,
-    UnsupportedModelError,
-    ZennitLRP,
-)
-from cft_lightning.relevance.grad_cam import default_cam_layer
-from cft_lightning.relevance.layer_grad_x_activation import default_feature_layer
+
+if TYPE_CHECKING:  # torch, timm and the relevance methods load when a command runs, not for `--help`
+    from torch import nn
+
+    from cft_lightning.data.mask_store import MaskStore
+    from cft_lightning.relevance import RelevanceMethod
 
 __all__ = ["EXPLAIN_METHODS", "LAYER_METHODS", "explain", "load_models", "main", "run_data_config"]
 
+
+def _relevance(name: str, **preset: Any) -> Any:
+    """A factory of `cft_lightning.relevance.<name>(**preset, **extra)` that imports it only when called."""
+
+    def make(**extra: Any) -> Any:
+        import cft_lightning.relevance as relevance
+
+        return getattr(relevance, name)(**preset, **extra)
+
+    return make
+
+
 EXPLAIN_METHODS: dict[str, Any] = {
-    "attnlrp": lambda: AttnLRP(),
-    "cp_lrp": lambda: AttnLRP(attention_rule="cp"),
-    "rollout": lambda: GradientRollout(),
-    "gradcam": lambda: GradCAM(),
-    "iia": lambda: IIA(steps=10),
-    "input_grad": lambda: InputGradient(),
-    "ixg": lambda: InputXGradient(),
-    "grad_x_act": lambda: LayerGradXActivation(),
-    "lrp": lambda: ZennitLRP("epsilon_plus_flat"),  # CNNs (zennit), explanation only
+    "attnlrp": _relevance("AttnLRP"),
+    "cp_lrp": _relevance("AttnLRP", attention_rule="cp"),
+    "rollout": _relevance("GradientRollout"),
+    "gradcam": _relevance("GradCAM"),
+    "iia": _relevance("IIA", steps=10),
+    "input_grad": _relevance("InputGradient"),
+    "ixg": _relevance("InputXGradient"),
+    "grad_x_act": _relevance("LayerGradXActivation"),
+    "lrp": _relevance("ZennitLRP", composite="epsilon_plus_flat"),  # CNNs (zennit), explanation only
 }
 # methods that explain one layer: `--layer` names it (default: the method's choice for the model)
-LAYER_METHODS: dict[str, Any] = {"gradcam": GradCAM, "grad_x_act": LayerGradXActivation}
+LAYER_METHODS: dict[str, Any] = {"gradcam": EXPLAIN_METHODS["gradcam"], "grad_x_act": EXPLAIN_METHODS["grad_x_act"]}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -78,6 +77,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="class to explain: `pred` (each model's prediction) or a class index (default: pred)")
     p.add_argument("--masks", help="mask store whose masks are drawn beside the maps (keys: paths under --images)")
     p.add_argument("--mask_kind", default="concept", help="mask kind to draw (default: %(default)s)")
+    p.add_argument("--classes", default=None,
+                   help="class names for the labels: 'imagenet', a text file with one class per line, or a folder "
+                   "whose sorted sub-folders are the classes (default: imagenet for a 1000-class head, else "
+                   "indices)")
     p.add_argument("--out", default="runs/explain", help="output folder (default: %(default)s)")
     p.add_argument("--batch_size", type=int, default=16, help="images explained at once (default: %(default)s)")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
@@ -86,6 +89,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def load_models(args: argparse.Namespace) -> dict[str, nn.Module]:
     """{"original": reference, "fine_tuned": model} from a checkpoint, or {"model": model} from a timm name."""
+    from cft_lightning.models.backbone import BackboneSpec, build_backbone
+
     if args.ckpt:
         from cft_lightning.models import GuidedFineTuner
 
@@ -102,13 +107,15 @@ def load_models(args: argparse.Namespace) -> dict[str, nn.Module]:
     if not (args.pretrained or args.weights):
         raise DataError("--model needs --pretrained (hub weights) or --weights <file>; random weights explain nothing")
     spec = BackboneSpec(name=args.model, pretrained=True, checkpoint_path=args.weights, num_classes=args.num_classes)
-    return {"model": build_backbone(spec).eval()}
+    return {"model": build_backbone(spec, weights_flag="--weights").eval()}
 
 
 def run_data_config(ckpt: str | Path) -> dict[str, Any] | None:
     """The data config the run of a `cft fit` checkpoint used: saved in the checkpoint (`on_save_checkpoint`),
     else `data.data_config` of the run's saved `config*.yaml` next to it; None when neither says (the run
     used the model's timm config)."""
+    import torch
+
     from cft_lightning.models.fine_tuner import DATA_CONFIG_KEY
 
     try:
@@ -133,6 +140,7 @@ def run_data_config(ckpt: str | Path) -> dict[str, Any] | None:
 
 def _collect(paths: list[str]) -> list[tuple[Path, str]]:
     """(file, key) pairs: the key is the path relative to its folder argument (or the file name)."""
+    from cft_lightning.data.image_folder import is_image_file
     found: list[tuple[Path, str]] = []
     for raw in paths:
         path = Path(raw)
@@ -148,15 +156,45 @@ def _collect(paths: list[str]) -> list[tuple[Path, str]]:
     return found
 
 
+def class_names_for(spec: str | None, model: nn.Module) -> list[str] | None:
+    """`--classes`: 'imagenet', a class-list file or a folder of class folders; by default ImageNet's classes for
+    a 1000-class head, None (indices) otherwise."""
+    from cft_lightning.data.image_folder import imagenet_classes, resolve_class_list
+
+    outputs = getattr(model, "num_classes", None)
+    if spec is None:
+        return imagenet_classes() if outputs == 1000 else None
+    try:
+        folder = spec != "imagenet" and Path(spec).is_dir()
+        names = resolve_class_list(None, spec) if folder else resolve_class_list(spec)
+    except DataError as exc:
+        raise DataError(f"--classes {spec}: {exc}") from exc
+    if outputs is not None and len(names) != outputs:
+        raise DataError(f"--classes {spec}: {len(names)} classes, but the model has {outputs} outputs")
+    return names
+
+
+def _true_class(key: str, class_names: list[str] | None) -> int | None:
+    """The class of an image inside a folder named after a class (`<class>/<file>` under --images), else None."""
+    parent = Path(key).parent.name
+    return class_names.index(parent) if class_names and parent in class_names else None
+
+
 def explain(models: dict[str, nn.Module], method: RelevanceMethod, images: list[tuple[Path, str]], out: Path,
             target: str = "pred", masks: MaskStore | None = None, mask_kind: str = "concept",
-            batch_size: int = 16, progress: bool = True, data_config: dict[str, Any] | None = None
-            ) -> list[dict[str, Any]]:
+            batch_size: int = 16, progress: bool = True, data_config: dict[str, Any] | None = None,
+            class_names: list[str] | None = None) -> list[dict[str, Any]]:
     """Explain every image with every model, write one overlay PNG per image and return the records.
-    `data_config`: the evaluation transform's timm data config (None: the first model's own)."""
+    `data_config`: the evaluation transform's timm data config (None: the first model's own); `class_names`:
+    the labels' names (None: indices)."""
+    import numpy as np
+    import torch
     from rich.progress import track
 
-    from cft_lightning.demo.report import overlay_grid
+    from cft_lightning.data.image_folder import load_image
+    from cft_lightning.data.transforms import JointTransform
+    from cft_lightning.evaluation.plots import class_labels, overlay_grid
+    from cft_lightning.models.backbone import resolve_data_config
 
     first = next(iter(models.values()))
     for m in models.values():
@@ -184,18 +222,33 @@ def explain(models: dict[str, nn.Module], method: RelevanceMethod, images: list[
         for i, (path, key) in enumerate(chunk):
             mask = None if masks is None else shown[i].numpy()[None]
             png = out / Path(key).with_suffix(".png")
+            truth = _true_class(key, class_names)
+            predicted = {name: class_labels(preds[name][i : i + 1], class_names) for name in models}
             overlay_grid(pixels[i : i + 1], mask, {n: m[i : i + 1] for n, m in maps.items()}, png,
-                         mask_title=f"{mask_kind} mask")
-            records.append({"image": str(path), "png": str(png), **{
-                name: {"explained_class": int(explained[name][i]), "predicted_class": int(preds[name][i])}
-                for name in models
-            }})
+                         mask_title=f"{mask_kind} mask", predictions=predicted,
+                         true_classes=None if truth is None else class_labels([truth], class_names))
+            record: dict[str, Any] = {"image": str(path), "png": str(png)}
+            if truth is not None:
+                record.update(true_class=truth, true_name=class_labels([truth], class_names)[0])
+            for name in models:
+                record[name] = {"explained_class": int(explained[name][i]), "predicted_class": int(preds[name][i])}
+                if class_names:
+                    record[name]["predicted_name"] = predicted[name][0]
+            records.append(record)
     return records
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of `cft explain`."""
     args = _parser().parse_args(argv)
+    import torch
+
+    from cft_lightning.data.mask_store import MaskStore
+    from cft_lightning.models.backbone import resolve_data_config
+    from cft_lightning.relevance import UnsupportedModelError
+    from cft_lightning.relevance.grad_cam import default_cam_layer
+    from cft_lightning.relevance.layer_grad_x_activation import default_feature_layer
+
     if args.target != "pred" and not args.target.lstrip("-").isdigit():
         raise DataError(f"--target must be 'pred' or a class index, got {args.target!r}")
     if args.batch_size < 1:
@@ -219,9 +272,10 @@ def main(argv: list[str] | None = None) -> None:
     except UnsupportedModelError as err:
         raise UnsupportedModelError(f"--method {args.method}{f' --layer {args.layer}' if args.layer else ''}: "
                                     f"{err}") from err
+    class_names = class_names_for(args.classes, next(iter(models.values())))
     with torch.enable_grad():
         records = explain(models, method, images, out, args.target, masks, args.mask_kind, args.batch_size,
-                          progress=not args.no_progress, data_config=data_config)
+                          progress=not args.no_progress, data_config=data_config, class_names=class_names)
     summary: dict[str, Any] = {"method": args.method}
     if args.method in LAYER_METHODS:
         default = default_cam_layer if args.method == "gradcam" else default_feature_layer

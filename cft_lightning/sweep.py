@@ -26,8 +26,9 @@ without a W&B key they are offline (`wandb sync` uploads them).
 Resumable: a run whose `run_summary.json` (written by `cft fit`/`cft test`) says every stage finished is
 skipped; an unfinished run restarts from its `last*.ckpt` when there is one (`--ckpt_path`), from scratch
 otherwise. At the end the ablation table (the varying parameters, the sweep's metric and the other final
-metrics) goes to the terminal, `<out>/ablation.{md,csv,json,png}`, and, when the runs logged to W&B, to a W&B
-summary run of the group.
+metrics) goes to the terminal, `<out>/ablation.{md,csv}` and `<out>/sweep.json`, and, when the runs logged to
+W&B, to a W&B summary run of the group; `<out>/ablation.png` plots the sweep's metric against the swept value
+(`cft_lightning.sweep_figure`).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ import yaml
 
 from cft_lightning.data.errors import DataError
 from cft_lightning.data.mask_store import atomic_write
+from cft_lightning.sweep_figure import _finite, ablation_plot
 from cft_lightning.tracking import ensure_wandb_mode, find_run_summary
 
 __all__ = ["SweepRun", "expand_grid", "load_sweep", "main", "render_command", "run_sweep"]
@@ -268,33 +270,37 @@ def write_ablation(out_dir: Path, record: dict[str, Any]) -> None:
     for name, text in (("sweep.json", json.dumps(record, indent=2, default=str) + "\n"),
                        ("ablation.md", "\n".join(md) + "\n"), ("ablation.csv", buffer.getvalue())):
         atomic_write(out_dir / name, lambda fh, text=text: fh.write(text.encode("utf-8")))
-    png = ablation_figure(rows, shown, out_dir / "ablation.png", record["name"])
+    png = ablation_figure(rows, record["varying"], plot_metric(record), out_dir / "ablation.png", record["name"])
     print(f"\ncft sweep {record['name']}: {len(rows)} run(s)\n" + "\n".join(md))
-    print(f"files: {out_dir / 'ablation.md'}, {out_dir / 'ablation.csv'}, {png}")
+    print(f"files: {out_dir / 'ablation.md'}, {out_dir / 'ablation.csv'}" + (f", {png}" if png else ""))
     _log_to_wandb(record, out_dir, png)
 
 
-def ablation_figure(rows: list[dict[str, Any]], columns: list[str], path: Path, title: str) -> Path:
-    """The ablation table as a figure (the paper's tables, for slides and W&B)."""
-    import matplotlib
+def plot_metric(record: dict[str, Any]) -> str | None:
+    """The metric `ablation.png` draws: the sweep's own, else test/acc1, val/acc1 or the first test/ column that
+    some run reported."""
+    rows = record["table"]
+    reported = [c for c in _columns(rows) if any(_finite(row.get(c)) for row in rows)]
+    named = (record.get("metric") or {}).get("name")
+    fallback = [c for c in reported if c.startswith("test/") and "/ref_" not in c]  # not the Original's columns
+    for choice in (named, "test/acc1", "val/acc1", *fallback):
+        if choice in reported:
+            return choice
+    return None
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    cells = [[_cell(row.get(c)) for c in columns] for row in rows] or [["-"] * len(columns)]
-    fig, ax = plt.subplots(figsize=(min(2.0 + 1.6 * len(columns), 24), 0.9 + 0.35 * len(cells)))
-    ax.axis("off")
-    table = ax.table(cellText=cells, colLabels=columns, loc="center", cellLoc="center")
-    table.auto_set_font_size(False)
-    table.set_fontsize(8)
-    ax.set_title(title, fontsize=10)
-    fig.tight_layout()
+def ablation_figure(rows: list[dict[str, Any]], varying: list[str], metric: str | None, path: Path,
+                    title: str) -> Path | None:
+    """Write `ablation_plot` as a PNG at `path`; None (and no stale picture left) when no run reported `metric`."""
+    fig = ablation_plot(rows, varying, metric, title) if metric else None
+    if fig is None:
+        path.unlink(missing_ok=True)
+        return None
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
-def _log_to_wandb(record: dict[str, Any], out_dir: Path, png: Path) -> None:
+def _log_to_wandb(record: dict[str, Any], out_dir: Path, png: Path | None) -> None:
     used = set()
     for run in record["runs"]:
         summary = _summary(Path(run["dir"]))
@@ -307,8 +313,10 @@ def _log_to_wandb(record: dict[str, Any], out_dir: Path, png: Path) -> None:
     columns = _columns(rows)
     run = wandb.init(group=record["name"], job_type="sweep-summary", name=f"{record['name']}-ablation",
                      dir=str(out_dir), reinit="finish_previous")
-    run.log({"ablation": wandb.Table(columns=columns, data=[[_cell(r.get(c)) for c in columns] for r in rows]),
-             "ablation_figure": wandb.Image(str(png))})
+    logged = {"ablation": wandb.Table(columns=columns, data=[[_cell(r.get(c)) for c in columns] for r in rows])}
+    if png is not None:
+        logged["ablation_figure"] = wandb.Image(str(png))
+    run.log(logged)
     run.finish()
 
 

@@ -58,6 +58,23 @@ def test_class_lists(tmp_path):
         resolve_class_list(["a", "a"])
 
 
+def test_imagenet_names_have_one_source_timm() -> None:
+    # one list of ImageNet classes: timm's ImageNetInfo, no bundled copy that could drift from it
+    from importlib import resources
+
+    from timm.data import ImageNetInfo
+
+    from cft_lightning.concepts.discovery import load_classes
+    from cft_lightning.data import imagenet_class_names
+
+    info = ImageNetInfo()
+    assert imagenet_classes() == list(info.label_names())
+    assert not resources.files("cft_lightning").joinpath("_data/imagenet_synsets.txt").is_file()
+    names = imagenet_class_names()
+    assert list(names) == imagenet_classes() and names["n01440764"] == "tench"
+    assert load_classes("imagenet") == names  # `cft concepts --classes imagenet` reads the same source
+
+
 def test_imagenet_labels_keep_imagenet_indices(tmp_path):
     wnids = imagenet_classes()
     make_folder(tmp_path, {wnids[1]: 1, wnids[500]: 1, wnids[999]: 1})

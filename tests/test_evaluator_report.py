@@ -319,6 +319,26 @@ def read_json(trainer: L.Trainer) -> dict[str, Any]:
     return json.loads(Path(trainer.log_dir, "results.json").read_text(encoding="utf-8"))
 
 
+def test_test_overlays_name_the_true_class_and_each_models_prediction(tested: dict[str, Any], tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from cft_lightning.evaluation import plots
+
+    seen: dict[str, Any] = {}
+
+    def capture(images: Any, masks: Any, maps: dict, path: Path, **kwargs: Any) -> Path:
+        seen.update(kwargs, maps=maps)
+        return path
+
+    monkeypatch.setattr(plots, "overlay_grid", capture)
+    model, dm = tested["model"], tested["dm"]
+    model._test_pictures({"splits": {}}, str(tmp_path))
+    labels = model._overlay_labels
+    assert len(labels) == 6 and seen["true_classes"] == [dm.class_names[int(i)] for i in labels]
+    assert set(seen["predictions"]) == set(seen["maps"]) == {"original", "fine_tuned"}
+    for names in seen["predictions"].values():
+        assert len(names) == len(labels) and set(names) <= set(dm.class_names)
+
+
 def test_test_run_writes_its_files_into_the_log_dir(tested: dict[str, Any]) -> None:
     trainer, model = tested["trainer"], tested["model"]
     log_dir = Path(trainer.log_dir)

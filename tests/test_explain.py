@@ -41,16 +41,21 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def test_checkpoint_overlays_show_original_and_fine_tuned_with_masks(run: dict[str, Path], tmp_path: Path):
     images = run["data"] / "images" / "test"
     main(["explain", "--ckpt", str(run["ckpt"]), "--images", str(images), "--masks", str(run["data"] / "masks"),
-          "--out", str(tmp_path), "--batch_size", "4", "--no_progress"])
+          "--out", str(tmp_path), "--batch_size", "4", "--no_progress", "--classes", str(run["data"] / "images" /
+                                                                                       "train")])
     record = json.loads((tmp_path / "explain.json").read_text())
     files = sorted(p.relative_to(images).as_posix() for p in images.rglob("*.png"))
+    classes = ["circle", "square", "triangle"]  # the sorted class folders the model was trained on
     assert len(record["images"]) == len(files) == 6
     for entry, rel in zip(record["images"], files):
-        assert set(entry) == {"image", "png", "original", "fine_tuned"}
+        assert set(entry) == {"image", "png", "original", "fine_tuned", "true_class", "true_name"}
         assert entry["png"] == str(tmp_path / rel)
+        assert entry["true_name"] == rel.split("/")[0] == classes[entry["true_class"]]  # from the image's folder
+        for who in ("original", "fine_tuned"):
+            assert entry[who]["predicted_name"] == classes[entry[who]["predicted_class"]]
         assert entry["original"]["explained_class"] == entry["original"]["predicted_class"]
-        with Image.open(entry["png"]) as im:  # image | mask | original | fine_tuned
-            assert im.width > 3.5 * (im.height - 16)
+        with Image.open(entry["png"]) as im:  # image | mask | original | fine_tuned | colour bar, labels under
+            assert 2.2 * im.height < im.width < 4 * im.height
 
 
 def test_any_timm_model_with_a_weight_file_and_a_fixed_target(tmp_path: Path, run: dict[str, Path]):
@@ -86,3 +91,14 @@ def test_missing_masks_are_reported(run: dict[str, Path], tmp_path: Path, capsys
         main(["explain", "--ckpt", str(run["ckpt"]), "--images", str(run["data"] / "images" / "test"),
               "--masks", str(tmp_path), "--out", str(tmp_path / "o")])
     assert "have no 'concept' mask" in capsys.readouterr().err
+
+
+def test_class_list_of_the_wrong_size_is_a_one_line_error(run: dict[str, Path], tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture):
+    (tmp_path / "classes.txt").write_text("cat\ndog\n")
+    with pytest.raises(SystemExit) as info:
+        main(["explain", "--ckpt", str(run["ckpt"]), "--images", str(run["data"] / "images" / "test"),
+              "--classes", str(tmp_path / "classes.txt"), "--out", str(tmp_path / "o"), "--no_progress"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--classes" in err and "2 classes, but the model has 3 outputs" in err

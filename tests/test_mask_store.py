@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -87,6 +89,19 @@ def test_atomic_write_leaves_no_temp_file(tmp_path, mask):
     store.write("c/img.png", "concept", ~mask)  # overwrite in place
     assert _visible_and_temp_files(tmp_path) == ["concept/c/img.png"]
     np.testing.assert_array_equal(store.read("c/img.png", "concept"), ~mask)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002], ids=oct)
+def test_atomic_write_gives_files_the_umask_mode_of_any_other_output(tmp_path, umask):
+    # mkstemp creates 0600 files: results, manifests and masks must be as readable as a plain open(..., "w") file
+    old = os.umask(umask)
+    try:
+        atomic_write(tmp_path / "results.json", lambda fh: fh.write(b"{}"))
+        (tmp_path / "plain.txt").write_text("x")
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE((tmp_path / "results.json").stat().st_mode)
+    assert mode == 0o666 & ~umask == stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode), oct(mode)
 
 
 def test_interrupted_write_keeps_old_file_and_no_temp(tmp_path, mask):

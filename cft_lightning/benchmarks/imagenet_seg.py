@@ -29,7 +29,11 @@ class ImageNetSegmentation(torch.utils.data.Dataset):
     """The images and object masks of `gtsegs_ijcv.mat` (the HDF5 file is opened lazily in each worker)."""
 
     def __init__(self, path: str | os.PathLike[str], data_config: dict[str, Any]) -> None:
-        import h5py
+        try:
+            import h5py
+        except ImportError as exc:
+            raise DataError("ImageNet-Segmentation (gtsegs_ijcv.mat, an HDF5 file) needs h5py: "
+                            "pip install 'cft_lightning[benchmarks]'") from exc
 
         self.path = Path(path)
         if not self.path.is_file():

@@ -86,11 +86,9 @@ def load_classes(spec: str) -> dict[str, str]:
     """{class id: readable name}: `imagenet` (WNIDs with timm's first lemma) or a text file with one class per
     line, `id<TAB>name` or just `name`."""
     if spec == "imagenet":
-        from timm.data import ImageNetInfo
+        from cft_lightning.data.image_folder import imagenet_class_names
 
-        info = ImageNetInfo()
-        return {info.index_to_label_name(i): info.index_to_description(i).split(",")[0].strip()
-                for i in range(info.num_classes())}
+        return imagenet_class_names()
     path = Path(spec)
     if not path.is_file():
         raise DataError(f"--classes: {spec} is neither 'imagenet' nor a file")

@@ -24,6 +24,7 @@ _EXPORTS = {
     "Sample": "image_folder",
     "build_samples": "image_folder",
     "imagenet_classes": "image_folder",
+    "imagenet_class_names": "image_folder",
     "load_image": "image_folder",
     "read_metadata": "image_folder",
     "resolve_class_list": "image_folder",

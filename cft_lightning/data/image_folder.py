@@ -15,7 +15,6 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -34,14 +33,22 @@ MISSING_MASK_POLICIES = ("error", "drop", "empty")
 
 
 def imagenet_classes() -> list[str]:
-    """The 1000 ImageNet-1k WNIDs in class-index order (label i = i-th line of the shipped synset list)."""
-    return list(_imagenet_classes())
+    """The 1000 ImageNet-1k WNIDs in class-index order (timm's `ImageNetInfo`, the one source of ImageNet names)."""
+    return list(_imagenet_info()[0])
+
+
+def imagenet_class_names() -> dict[str, str]:
+    """{WNID: readable name} for ImageNet-1k: the first lemma of timm's description ("n01440764" -> "tench")."""
+    return dict(_imagenet_info()[1])
 
 
 @lru_cache(maxsize=1)
-def _imagenet_classes() -> tuple[str, ...]:
-    text = resources.files("cft_lightning").joinpath("_data/imagenet_synsets.txt").read_text(encoding="utf-8")
-    return tuple(line.strip() for line in text.splitlines() if line.strip())
+def _imagenet_info() -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()
+    wnids = tuple(info.label_names())
+    return wnids, tuple((w, info.index_to_description(i).split(",")[0].strip()) for i, w in enumerate(wnids))
 
 
 def class_folders(root: str | os.PathLike[str], warn: bool = False, allow_flat: bool = False) -> list[str]:

@@ -133,8 +133,12 @@ def _overlays(settings: DemoSettings, summary: dict, count: int) -> Path | None:
     raw = [np.asarray(load_image(data / "images" / "test_ood" / r)) for r in rels]
     batch = torch.stack([transform(load_image(data / "images" / "test_ood" / r))[0] for r in rels])
     masks = np.stack([store.read(r, "concept") for r in rels])
-    maps = {name: AttnLRP()(m, batch, None, differentiable=False).maps for name, m in models.items()}
-    return overlay_grid(np.stack(raw), masks, maps, Path(settings.out) / "overlays.png")
+    explained = {name: AttnLRP()(m, batch, None, differentiable=False) for name, m in models.items()}
+    classes = sorted(p.name for p in (data / "images" / "train").iterdir() if p.is_dir())  # the label order
+    return overlay_grid(np.stack(raw), masks, {name: rel.maps for name, rel in explained.items()},
+                        Path(settings.out) / "overlays.png", true_classes=[r.split("/")[0] for r in rels],
+                        predictions={name: [classes[int(k)] for k in rel.logits.argmax(1)]
+                                     for name, rel in explained.items()})
 
 
 def _calibrate(settings: DemoSettings) -> None:

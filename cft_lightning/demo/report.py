@@ -6,13 +6,17 @@ import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from cft_lightning.evaluation.plots import overlay_grid
 
-__all__ = ["KEY_METRICS", "overlay_grid", "paired", "paired_markdown", "per_seed", "summarize", "summary_markdown"]
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["KEY_METRICS", "bar_chart", "bar_chart_figure", "overlay_grid", "paired", "paired_markdown", "per_seed",
+           "summarize", "summary_markdown"]
 
 # (split, metric, label) triples the summary reports, in order: first what the models decide ...
 DECISION_METRICS = (
@@ -207,34 +211,52 @@ def summary_markdown(summary: dict[str, dict[str, tuple[float, float, int]]]) ->
 FOREST_METRICS = ("OOD top-1", "ID top-1", "ID top-1, background swapped")
 
 
-def bar_chart(summary: dict[str, dict[str, tuple[float, float, int]]], path: Path,
-              diffs: dict[str, dict[str, Paired]] | None = None, baseline: str = "original") -> Path:
-    """Grouped bars (x100, seed spread as error bars); with `diffs`, a second panel with each method's paired
-    difference to `baseline` and its 95 % bootstrap interval (filled markers: the interval excludes 0)."""
-    import matplotlib
+def _chart_values(summary: dict[str, dict[str, tuple[float, float, int]]]
+                  ) -> tuple[list[str], list[str], dict[tuple[str, str], tuple[float, float]]]:
+    """(metrics, rows, {(row, metric): (mean, std)}) of the bar panel, with nothing empty: a value that is absent
+    or not finite is left out, then a metric with no value (or 0 for every row: WGA when no model gets every group
+    right) and a row with no value."""
+    values = {(row, label): (metrics[label][0], metrics[label][1]) for row, metrics in summary.items()
+              for label in CHART_METRICS if label in metrics and math.isfinite(metrics[label][0])}
+    labels = [label for label in CHART_METRICS if any(m == label and v[0] > 0 for (_, m), v in values.items())]
+    rows = [row for row in summary if any((row, label) in values for label in labels)]
+    return labels, rows, {key: v for key, v in values.items() if key[0] in rows and key[1] in labels}
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    rows = list(summary)
-    # a metric that is 0 (or absent) for every row (WGA when no model gets every group right) is left out
-    labels = [label for label in CHART_METRICS
-              if any(summary[row].get(label, (0.0, 0, 0))[0] > 0 for row in rows)]
-    width = 0.8 / max(len(rows), 1)
-    colours = plt.get_cmap("tab20" if len(rows) > 10 else "tab10")
+def bar_chart_figure(summary: dict[str, dict[str, tuple[float, float, int]]],
+                     diffs: dict[str, dict[str, Paired]] | None = None, baseline: str = "original") -> Figure:
+    """Grouped bars (x100, seed spread as error bars): per metric, one bar per model that has it, packed side by
+    side (no empty slot; a model keeps its colour in every group); with `diffs`, a second panel with each
+    method's paired difference to `baseline` and its 95 % bootstrap interval (filled markers: the interval
+    excludes 0)."""
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    labels, rows, values = _chart_values(summary)
+    colours = colormaps["tab20" if len(rows) > 10 else "tab10"]
+    colour = {row: colours(i % colours.N) for i, row in enumerate(rows)}
     panels = 2 if diffs else 1
-    fig, axes = plt.subplots(1, panels, figsize=(8 + 5 * (panels - 1), 3.8 + 0.12 * max(0, len(rows) - 8)),
-                             squeeze=False)
+    fig = Figure(figsize=(8 + 5 * (panels - 1), 3.8 + 0.12 * max(0, len(rows) - 8)), layout="tight")
+    axes = fig.subplots(1, panels, squeeze=False)
     ax = axes[0, 0]
-    for i, row in enumerate(rows):
-        means = [100 * summary[row].get(label, (np.nan, 0, 0))[0] for label in labels]
-        stds = [100 * summary[row].get(label, (0, 0, 0))[1] for label in labels]
-        ax.bar(np.arange(len(labels)) + i * width, means, width, yerr=stds, label=row, capsize=2,
-               color=colours(i % colours.N), error_kw={"elinewidth": 0.8})
-    ax.set_xticks(np.arange(len(labels)) + width * (len(rows) - 1) / 2, labels, fontsize=8)
+    widest = max([sum((row, label) in values for row in rows) for label in labels] or [1])
+    width = 0.8 / widest
+    for j, label in enumerate(labels):
+        present = [row for row in rows if (row, label) in values]
+        start = j - width * (len(present) - 1) / 2
+        for k, row in enumerate(present):
+            mean, std = values[(row, label)]
+            ax.bar(start + k * width, 100 * mean, width, yerr=100 * std, capsize=2, color=colour[row],
+                   error_kw={"elinewidth": 0.8}, label=row)
+            if 100 * mean < 1.5:  # a bar too low to see is a value, not a gap: write it
+                ax.text(start + k * width, 100 * (mean + std) + 1, f"{100 * mean:.0f}", ha="center", fontsize=6,
+                        color=colour[row])
+    ax.set_xticks(range(len(labels)), labels, fontsize=8)
     ax.set_ylabel("% (mean ± std over seeds)")
     ax.set_ylim(0, 100)
-    ax.legend(ncol=min(len(rows), 6), fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    ax.legend(handles=[Patch(color=colour[row], label=row) for row in rows], ncol=min(len(rows), 6), fontsize=7,
+              loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
     if diffs:
         ax = axes[0, 1]
         methods = list(diffs)
@@ -255,7 +277,11 @@ def bar_chart(summary: dict[str, dict[str, tuple[float, float, int]]], path: Pat
         ax.invert_yaxis()
         ax.set_xlabel(f"paired difference to {baseline}, points (95 % bootstrap over seeds)")
         ax.legend(fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(metrics), frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
+
+
+def bar_chart(summary: dict[str, dict[str, tuple[float, float, int]]], path: Path,
+              diffs: dict[str, dict[str, Paired]] | None = None, baseline: str = "original") -> Path:
+    """Write `bar_chart_figure` as a PNG at `path`."""
+    bar_chart_figure(summary, diffs, baseline).savefig(path, dpi=120)
     return path

@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from cft_lightning.data.errors import DataError
 from cft_lightning.evaluation.evaluator import Evaluator, predicted_class_maps
 from cft_lightning.evaluation.interventions import intervene
 from cft_lightning.evaluation.report import print_table, write_results
@@ -77,6 +78,7 @@ class EvaluationStage:
     def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         if batch_idx == 0 and dataloader_idx == 0:  # a few images of the first split for `overlays.png`
             self._overlay_images = batch["image"][:OVERLAY_IMAGES].detach().cpu()
+            self._overlay_labels = batch["label"][:OVERLAY_IMAGES].detach().cpu() if "label" in batch else None
         views = self._intervened_views(batch, batch_idx, dataloader_idx)
         models = [("fine_tuned", self.backbone)]
         if self._reference is not None:
@@ -117,10 +119,22 @@ class EvaluationStage:
         print_table(payload, title=f"cft test: {self.backbone_spec.name} (values x100)")
         log_results(self.trainer, payload, pictures)
 
+    def _overlay_class_names(self) -> tuple[list[str] | None, list[str] | None]:
+        """(names of the first test split's labels, names of the model's outputs) for `overlays.png`: a benchmark
+        split labels by its own class list (e.g. ImageNet-R's 200), the model outputs the datamodule's classes."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        try:
+            outputs = list(getattr(datamodule, "class_names", None) or []) or None
+        except DataError:  # no class list to name them by: indices are shown
+            outputs = None
+        scorers = list(getattr(datamodule, "test_scorers", None) or [])
+        benchmark = getattr(scorers[0], "__self__", None) if scorers else None
+        return list(getattr(benchmark, "class_names", None) or []) or outputs, outputs
+
     def _test_pictures(self, payload: dict[str, Any], directory: str) -> dict[str, str]:
         """`results.png` (accuracy bars with deltas) and, when relevance can run, `overlays.png` (Original vs
         fine-tuned maps of the first test images)."""
-        from cft_lightning.evaluation.plots import denormalize, overlay_grid, results_chart
+        from cft_lightning.evaluation.plots import class_labels, denormalize, overlay_grid, results_chart
 
         pictures: dict[str, str] = {}
         chart = results_chart(payload, Path(directory) / "results.png", metrics=("acc1", "worst_group_acc"))
@@ -129,12 +143,18 @@ class EvaluationStage:
         images = self._overlay_images
         if images is not None and self.relevance is not None and not torch.is_inference_mode_enabled():
             models = {"original": self._reference, "fine_tuned": self.backbone}
-            maps = {name: self.relevance(m, images.to(self.device), None, differentiable=False).maps.cpu()
-                    for name, m in models.items() if m is not None}
+            explained = {name: self.relevance(m, images.to(self.device), None, differentiable=False)
+                         for name, m in models.items() if m is not None}
+            maps = {name: rel.maps.cpu() for name, rel in explained.items()}
+            label_names, output_names = self._overlay_class_names()
+            labels = getattr(self, "_overlay_labels", None)
             datamodule = getattr(self.trainer, "datamodule", None)  # the images' own normalisation
             config = getattr(datamodule, "data_config", None) or resolve_data_config(self.backbone)
             path = overlay_grid(denormalize(images, config["mean"], config["std"]), None, maps,
-                                Path(directory) / "overlays.png")
+                                Path(directory) / "overlays.png",
+                                true_classes=None if labels is None else class_labels(labels, label_names),
+                                predictions={name: class_labels(rel.logits.argmax(1).cpu(), output_names)
+                                             for name, rel in explained.items()})
             pictures["overlays_png"] = str(path)
         return pictures
 
