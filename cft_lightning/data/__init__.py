@@ -11,6 +11,7 @@ from typing import Any
 
 _EXPORTS = {
     "DataError": "errors",
+    "Augmentation": "transforms",
     "MaskStore": "mask_store",
     "concept_slug": "mask_store",
     "DataConfig": "transforms",

@@ -43,7 +43,7 @@ from cft_lightning.data.loaders import SplitLoaders
 from cft_lightning.data.mask_store import MaskStore
 from cft_lightning.data.metadata import Metadata, read_metadata
 from cft_lightning.data.run_files import RunFiles
-from cft_lightning.data.transforms import JointTransform, build_transforms
+from cft_lightning.data.transforms import Augmentation, JointTransform, build_transforms
 
 
 def _kinds_available(store: MaskStore, samples: Sequence[Sample], kinds: Sequence[str]) -> list[str]:
@@ -98,6 +98,9 @@ class GuidanceDataModule(SplitLoaders, RunFiles, BenchmarkTestSplits, L.Lightnin
         pin_memory: Pin host memory in the DataLoaders (useful on GPU).
         data_config: timm data config (``input_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct``). If
             ``null``, it is read from the attached model's ``data_config`` attribute at setup.
+        augmentation: Training augmentation after the resize: ``crop`` (``random`` or ``center``) and ``hflip``
+            (flip probability; ``0`` for digits, text, mirror-sensitive classes). Keys left out keep the
+            defaults, the CFT release's random crop and flip with p = 0.5. Evaluation never augments.
         alignment_kind: Mask kind that defines LVLM-VA's alignment set (``critic``): the training images with such
             a mask are mixed into every training batch at ``alignment_ratio`` (oversampled when few); the others
             get an all-zero mask of that kind. ``null`` (default): ordinary shuffled batches.
@@ -140,6 +143,7 @@ class GuidanceDataModule(SplitLoaders, RunFiles, BenchmarkTestSplits, L.Lightnin
         num_workers: int = 0,
         pin_memory: bool = False,
         data_config: dict | None = None,
+        augmentation: Augmentation = Augmentation(),  # noqa: B008 - frozen; jsonargparse shows it as the default
         alignment_kind: str | None = None,
         alignment_ratio: float = 0.5,
         benchmarks: dict[str, str] | None = None,
@@ -203,6 +207,7 @@ class GuidanceDataModule(SplitLoaders, RunFiles, BenchmarkTestSplits, L.Lightnin
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.data_config = data_config
+        self.augmentation = Augmentation.parse(augmentation)
         self.alignment_kind = alignment_kind
         self.alignment_ratio = alignment_ratio
         unknown = sorted(set(benchmarks or {}) - set(ALL_BENCHMARKS))
@@ -307,7 +312,7 @@ class GuidanceDataModule(SplitLoaders, RunFiles, BenchmarkTestSplits, L.Lightnin
     def setup(self, stage: str | None = None) -> None:
         """Build the datasets of ``stage`` (``fit``, ``validate``, ``test``, ``predict``; ``None`` = fit)."""
         if self._transforms is None:
-            self._transforms = build_transforms(self._resolve_data_config())
+            self._transforms = build_transforms(self._resolve_data_config(), self.augmentation)
         train_tf, eval_tf = self._transforms
         store = MaskStore(self.masks) if self.masks is not None else None
         kinds, policy = self.mask_kinds, self.missing_masks
