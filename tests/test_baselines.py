@@ -83,25 +83,57 @@ def test_rrr_terms_by_hand():
     x = batch["image"].clone().requires_grad_(True)
     (g,) = torch.autograd.grad(F.log_softmax(model(x), dim=1).sum(), x)
     outside = 1.0 - batch["masks"]["object"].double()[:, None]
-    want = ((g * outside) ** 2).sum()
+    want = ((g * outside) ** 2).sum() / 2  # per image: summed over pixels and channels, mean over the 2 images
     out = RRR(grad_weight=0.5, cls_weight=2.0)(batch, model, None, None)
     torch.testing.assert_close(out.terms["grad"], want, rtol=1e-10, atol=0)
     torch.testing.assert_close(out.terms["cls"], F.cross_entropy(out.logits, batch["label"]), rtol=1e-12, atol=0)
     torch.testing.assert_close(out.total, 2.0 * out.terms["cls"] + 0.5 * want, rtol=1e-10, atol=0)
+    batch_sum = RRR(reduction="batch_sum")(batch, model, None, None).terms["grad"]  # the RobustViT script's form
+    torch.testing.assert_close(batch_sum, 2 * want, rtol=1e-10, atol=0)
     mean = RRR(reduction="mean")(batch, model, None, None).terms["grad"]
-    torch.testing.assert_close(mean, want / (outside.sum() * 3), rtol=1e-10, atol=0)
+    torch.testing.assert_close(mean, 2 * want / (outside.sum() * 3), rtol=1e-10, atol=0)
     l2 = RRR(l2_weight=1e-3)(batch, model, None, None)
     torch.testing.assert_close(l2.terms["l2"], sum((p**2).sum() for p in model.parameters()), rtol=1e-12, atol=0)
 
 
-@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("reduction", ["sum", "batch_sum", "mean"])
 def test_rrr_gradient_matches_finite_differences(reduction):
     check_gradient_matches_fd(RRR(grad_weight=1.0, cls_weight=1.0, reduction=reduction), None, tiny_batch())
 
 
 def test_rrr_penalty_alone_moves_every_block():
-    grads = check_gradient_matches_fd(RRR(grad_weight=1.0, cls_weight=0.0), None, tiny_batch())
+    """The default, per-image form: the penalty alone has a non-zero parameter gradient in every block, equal
+    to the finite difference of the loss."""
+    assert RRR().reduction == "sum"
+    grads = check_gradient_matches_fd(RRR(grad_weight=1.0, cls_weight=0.0, reduction="sum"), None, tiny_batch())
     block_grads_nonzero(grads)
+
+
+def _repeat(batch: dict[str, Any], times: int) -> dict[str, Any]:
+    return {"image": batch["image"].repeat(times, 1, 1, 1), "label": batch["label"].repeat(times),
+            "masks": {k: m.repeat(times, 1, 1) for k, m in batch["masks"].items()}, "path": batch["path"] * times}
+
+
+def test_rrr_per_image_penalty_does_not_depend_on_the_batch_size():
+    """The same images at batch 2 and (repeated) at batch 6 give the same per-image penalty, total loss and
+    parameter gradient, so a weight keeps its meaning when data.batch_size changes; the script's batch sum
+    triples instead. One image alone gets its own penalty, and a batch the mean of its images'."""
+    model, batch = tiny_vit(), tiny_batch()
+    reg = RRR(grad_weight=1.0, cls_weight=1.0)
+    small, large = reg(batch, model, None, None), reg(_repeat(batch, 3), model, None, None)
+    torch.testing.assert_close(large.terms["grad"], small.terms["grad"], rtol=1e-10, atol=0)
+    torch.testing.assert_close(large.total, small.total, rtol=1e-10, atol=0)
+    g_small, g_large = grads_of(model, small.total), grads_of(model, large.total)
+    assert max(float(g.abs().max()) for g in g_small.values()) > 0
+    for name, g in g_small.items():
+        torch.testing.assert_close(g_large[name], g, rtol=1e-8, atol=1e-14)
+    singles = [reg({"image": batch["image"][i : i + 1], "label": batch["label"][i : i + 1],
+                    "masks": {k: m[i : i + 1] for k, m in batch["masks"].items()}, "path": [batch["path"][i]]},
+                   model, None, None).terms["grad"] for i in range(2)]
+    torch.testing.assert_close(small.terms["grad"], (singles[0] + singles[1]) / 2, rtol=1e-10, atol=0)
+    script = RRR(grad_weight=1.0, cls_weight=1.0, reduction="batch_sum")
+    torch.testing.assert_close(script(_repeat(batch, 3), model, None, None).terms["grad"],
+                               3 * script(batch, model, None, None).terms["grad"], rtol=1e-10, atol=0)
 
 
 def test_rrr_masks_and_arguments_are_validated():
@@ -269,7 +301,7 @@ def test_lvlm_critic_penalises_the_critic_region_only():
     out = LVLMCritic(grad_weight=1.0)(batch, model, None, None)
     x = batch["image"].clone().requires_grad_(True)
     (g,) = torch.autograd.grad(F.log_softmax(model(x), dim=1).sum(), x)
-    want = ((g * batch["masks"]["critic"].double()[:, None]) ** 2).sum()
+    want = ((g * batch["masks"]["critic"].double()[:, None]) ** 2).sum() / 2  # per image, mean over the batch
     torch.testing.assert_close(out.terms["grad"], want, rtol=1e-10, atol=0)
     assert LVLMCritic().required_masks == ("critic",)
     with pytest.raises(ValueError, match="alignment_ratio"):

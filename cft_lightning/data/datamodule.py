@@ -20,37 +20,30 @@ With ``interventions`` the test splits that have masks also carry, per image, it
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
-from torch.utils.data import DataLoader
 
-from cft_lightning.data.alignment import AlignmentMixSampler, alignment_slots
+from cft_lightning.data.alignment import alignment_slots
 from cft_lightning.data.benchmark_splits import ALL_BENCHMARKS, BENCHMARK_DATASETS, BenchmarkTestSplits
 from cft_lightning.data.errors import DataError
 from cft_lightning.data.image_folder import (
     MISSING_MASK_POLICIES,
     FewShotSelection,
     GuidanceDataset,
-    Metadata,
     Sample,
     build_samples,
-    read_metadata,
     resolve_class_list,
-    scan_image_folder,
     select_few_shot,
 )
+from cft_lightning.data.loaders import SplitLoaders
 from cft_lightning.data.mask_store import MaskStore
-from cft_lightning.data.resumable import EpochSeededLoader, EpochShuffleSampler, FitEpoch
-from cft_lightning.data.transforms import JointTransform, build_transforms
-
-SELECTION_FILE = "fine_tuning_classes.json"
+from cft_lightning.data.metadata import Metadata, read_metadata
+from cft_lightning.data.run_files import RunFiles
+from cft_lightning.data.transforms import Augmentation, JointTransform, build_transforms
 
 
 def _kinds_available(store: MaskStore, samples: Sequence[Sample], kinds: Sequence[str]) -> list[str]:
@@ -68,14 +61,15 @@ def _kinds_available(store: MaskStore, samples: Sequence[Sample], kinds: Sequenc
     return available
 
 
-class GuidanceDataModule(BenchmarkTestSplits, L.LightningDataModule):
+class GuidanceDataModule(SplitLoaders, RunFiles, BenchmarkTestSplits, L.LightningDataModule):
     """Few-shot training images with guidance masks, plus validation, test and prediction splits.
 
     Training uses ``images_per_class`` images from each of ``round(class_fraction * n)`` classes of ``root``,
     chosen with ``seed`` (identical on every DDP rank and filesystem). Without ``val_root``, validation follows the
     CFT/RobustViT protocol: ``val_images_per_class`` images from every held-out class of ``root`` (or, if all
     classes are fine-tuned, unused images of those classes). Image sizes, mean/std and crop come from the model's
-    timm data config.
+    timm data config. Files in the split folders that are not images Pillow reads are skipped and named: one
+    warning per setup, and the full list in the run's log dir (`run_files.SKIPPED_FILE`).
 
     Args:
         root: Training image folder, laid out as ``root/<class>/<image>``.
@@ -104,6 +98,9 @@ class GuidanceDataModule(BenchmarkTestSplits, L.LightningDataModule):
         pin_memory: Pin host memory in the DataLoaders (useful on GPU).
         data_config: timm data config (``input_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct``). If
             ``null``, it is read from the attached model's ``data_config`` attribute at setup.
+        augmentation: Training augmentation after the resize: ``crop`` (``random`` or ``center``) and ``hflip``
+            (flip probability; ``0`` for digits, text, mirror-sensitive classes). Keys left out keep the
+            defaults, the CFT release's random crop and flip with p = 0.5. Evaluation never augments.
         alignment_kind: Mask kind that defines LVLM-VA's alignment set (``critic``): the training images with such
             a mask are mixed into every training batch at ``alignment_ratio`` (oversampled when few); the others
             get an all-zero mask of that kind. ``null`` (default): ordinary shuffled batches.
@@ -146,6 +143,7 @@ class GuidanceDataModule(BenchmarkTestSplits, L.LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         data_config: dict | None = None,
+        augmentation: Augmentation = Augmentation(),  # noqa: B008 - frozen; jsonargparse shows it as the default
         alignment_kind: str | None = None,
         alignment_ratio: float = 0.5,
         benchmarks: dict[str, str] | None = None,
@@ -209,6 +207,7 @@ class GuidanceDataModule(BenchmarkTestSplits, L.LightningDataModule):
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.data_config = data_config
+        self.augmentation = Augmentation.parse(augmentation)
         self.alignment_kind = alignment_kind
         self.alignment_ratio = alignment_ratio
         unknown = sorted(set(benchmarks or {}) - set(ALL_BENCHMARKS))
@@ -231,6 +230,8 @@ class GuidanceDataModule(BenchmarkTestSplits, L.LightningDataModule):
         self._selection: FewShotSelection | None = None
         self._metadata: Metadata | None = None
         self._transforms: tuple[JointTransform, JointTransform] | None = None
+        self.skipped_files: list[str] = []  # files of the scanned splits that are not images (root joined)
+        self._reported_skips = 0
 
     # ---------------------------------------------------------------- label space and selection (lazy, cheap)
     @property
@@ -248,7 +249,7 @@ class GuidanceDataModule(BenchmarkTestSplits, L.LightningDataModule):
     def selection(self) -> FewShotSelection:
         """The few-shot selection of ``root`` (scans ``root`` on first use)."""
         if self._selection is None:
-            images = scan_image_folder(self.root)
+            images = self._scan(self.root)
             # Check every image of root, not only the selected ones: unknown folders and CSV label conflicts.
             build_samples(images, self.class_names, self._read_metadata(), self.root)
             self._selection = select_few_shot(
@@ -299,7 +300,7 @@ class GuidanceDataModule(BenchmarkTestSplits, L.LightningDataModule):
                                donors: bool = False) -> GuidanceDataset:
         """All images of ``root``, with the requested mask kinds that the store holds for every image; with
         ``donors``, background-swap donors when one of those kinds marks the foreground (else a warning)."""
-        samples = self._samples(scan_image_folder(root, allow_flat=allow_flat), root)
+        samples = self._samples(self._scan(root, allow_flat=allow_flat), root)
         store = MaskStore(self.masks) if self.masks is not None else None
         kinds = _kinds_available(store, samples, self.mask_kinds) if store is not None else []
         if donors and not {"concept", "object"} & set(kinds):
@@ -311,7 +312,7 @@ class GuidanceDataModule(BenchmarkTestSplits, L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Build the datasets of ``stage`` (``fit``, ``validate``, ``test``, ``predict``; ``None`` = fit)."""
         if self._transforms is None:
-            self._transforms = build_transforms(self._resolve_data_config())
+            self._transforms = build_transforms(self._resolve_data_config(), self.augmentation)
         train_tf, eval_tf = self._transforms
         store = MaskStore(self.masks) if self.masks is not None else None
         kinds, policy = self.mask_kinds, self.missing_masks
@@ -341,6 +342,7 @@ class GuidanceDataModule(BenchmarkTestSplits, L.LightningDataModule):
             self._setup_test(eval_tf)
         if stage == "predict" and self.predict_dataset is None and self.predict_root is not None:
             self.predict_dataset = self._optional_mask_dataset(self.predict_root, eval_tf, allow_flat=True)
+        self._report_skipped()
 
     def _setup_test(self, eval_tf: JointTransform) -> None:
         """The test splits: `test_root` (one folder or a mapping) first, then the selected benchmarks."""
@@ -362,89 +364,9 @@ class GuidanceDataModule(BenchmarkTestSplits, L.LightningDataModule):
         self._test_names, self.test_scorers = names, scorers
         self.benchmark_splits = names[len(names) - sum(isinstance(d, BENCHMARK_DATASETS) for d in datasets):]
 
-    def _write_selection(self) -> None:
-        """Record the class split in the run's log dir (rank 0), so a run can be reproduced and audited."""
-        trainer = self.trainer
-        if trainer is None:
-            return
-        from cft_lightning.tracking import run_dir
-
-        log_dir = run_dir(trainer)  # broadcast inside Lightning: every rank must ask
-        if not log_dir or not trainer.is_global_zero:
-            return
-        selection = self.selection
-        record = {
-            "seed": self.seed,
-            "root": str(Path(self.root).resolve()),
-            "images_per_class": self.images_per_class,
-            "class_fraction": self.class_fraction,
-            "fine_tuning_classes": selection.fine_tuning_classes,
-            "held_out_classes": selection.held_out_classes,
-            "train_images": [s.path for s in self.train_dataset.samples] if self.train_dataset else [],
-        }
-        os.makedirs(log_dir, exist_ok=True)
-        Path(log_dir, SELECTION_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-
-    # ---------------------------------------------------------------- loaders
-    def _loader(self, dataset: GuidanceDataset | None, name: str, shuffle: bool, batch_size: int) -> DataLoader:
-        """Loader of a split; training's reseeds each epoch (`resumable.EpochSeededLoader`)."""
-        if dataset is None:
-            raise DataError(f"no {name} dataset: set data.{name}_root (or call setup for this stage first)")
-        sampler = None
-        trainer = self.trainer
-        if name == "train":  # the same global batches on any number of processes (see EpochShuffleSampler)
-            sampler = EpochShuffleSampler(
-                dataset, num_replicas=trainer.world_size if trainer is not None else 1,
-                rank=trainer.global_rank if trainer is not None else 0,
-                seed=int(os.environ.get("PL_GLOBAL_SEED", 0)), epoch=FitEpoch(self))
-        elif name in ("val", "test") and trainer is not None and trainer.world_size > 1:
-            # Lightning's default DistributedSampler pads the last shard with repeated images, which the
-            # metrics would count twice; this one gives every image to exactly one rank (shards may differ
-            # in length by one, which the evaluation loops and torchmetrics' sum-reduced states handle).
-            sampler = UnrepeatedDistributedSampler(dataset, num_replicas=trainer.world_size,
-                                                   rank=trainer.global_rank, shuffle=False)
-        extra: dict[str, Any] = {"epoch": FitEpoch(self)} if name == "train" else {}
-        return (EpochSeededLoader if name == "train" else DataLoader)(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle and sampler is None,
-            sampler=sampler,
-            drop_last=False,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-            **extra,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        if self.alignment_kind is None or self.train_dataset is None:
-            return self._loader(self.train_dataset, "train", True, self.batch_size)
-        trainer = self.trainer
-        sampler = AlignmentMixSampler(
-            len(self.train_dataset), self.train_dataset.indices_with(self.alignment_kind), self.batch_size,
-            self.alignment_ratio, seed=self.seed, num_replicas=trainer.world_size if trainer is not None else 1,
-        )
-        return EpochSeededLoader(self.train_dataset, batch_size=self.batch_size, sampler=sampler, drop_last=True,
-                                 num_workers=self.num_workers, pin_memory=self.pin_memory,
-                                 persistent_workers=self.num_workers > 0, epoch=FitEpoch(self))
-
-    def val_dataloader(self) -> DataLoader | list:
-        """Validation loader; an empty list (Lightning then skips validation) when no image is left for it."""
-        if self.val_dataset is not None and len(self.val_dataset) == 0:
-            return []
-        return self._loader(self.val_dataset, "val", False, self.eval_batch_size)
-
     @property
     def test_split_names(self) -> list[str]:
         """Names of the test splits, in dataloader order (`["test"]` for a single test_root)."""
         if self._test_names:
             return list(self._test_names)
         return list(self.test_root) if isinstance(self.test_root, dict) else ["test"]
-
-    def test_dataloader(self) -> DataLoader | list[DataLoader]:
-        if isinstance(self.test_dataset, list):
-            return [self._loader(d, "test", False, self.eval_batch_size) for d in self.test_dataset]
-        return self._loader(self.test_dataset, "test", False, self.eval_batch_size)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.predict_dataset, "predict", False, self.eval_batch_size)

@@ -1,4 +1,4 @@
-"""Image folders, class lists, few-shot selection, metadata CSV and the guidance Dataset.
+"""Image folders, class lists, few-shot selection and the guidance Dataset (the metadata CSV: `metadata.py`).
 
 Everything here is deterministic and independent of filesystem listing order: folders and files are sorted, and
 the few-shot selection draws from numpy generators seeded by ``seed`` (and, per class, by the class name), so
@@ -7,13 +7,12 @@ every DDP rank and every machine picks the same images.
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 import zlib
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -24,8 +23,11 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from cft_lightning.data.donors import DONOR_SEED, choose_donors, foreground_kind
 from cft_lightning.data.errors import DataError
-from cft_lightning.data.image_io import IMAGE_EXTENSIONS, is_image_file, load_image
-from cft_lightning.data.mask_store import MaskStore, normalize_rel_path
+from cft_lightning.data.image_io import IMAGE_EXTENSIONS as IMAGE_EXTENSIONS  # re-exported
+from cft_lightning.data.image_io import is_image_file, load_image, skipped_summary
+from cft_lightning.data.mask_store import MaskStore
+from cft_lightning.data.metadata import Metadata, is_int
+from cft_lightning.data.metadata import read_metadata as read_metadata  # re-exported
 from cft_lightning.data.resumable import sample_seed
 from cft_lightning.data.transforms import JointTransform
 
@@ -51,11 +53,13 @@ def _imagenet_info() -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
     return wnids, tuple((w, info.index_to_description(i).split(",")[0].strip()) for i, w in enumerate(wnids))
 
 
-def class_folders(root: str | os.PathLike[str], warn: bool = False, allow_flat: bool = False) -> list[str]:
+def class_folders(root: str | os.PathLike[str], warn: bool = False, allow_flat: bool = False,
+                  skipped: list[str] | None = None) -> list[str]:
     """Sorted names of the visible sub-directories of ``root``.
 
-    With ``warn``, other visible entries (a README, stray files) are reported as ignored; image files directly in
-    ``root`` are not reported when ``allow_flat`` (they are then served as unlabelled images).
+    Other visible entries (a README, stray files) are appended to ``skipped`` when given, else reported as
+    ignored with ``warn``; image files directly in ``root`` are neither when ``allow_flat`` (they are then
+    served as unlabelled images).
     """
     root = Path(root)
     if not root.is_dir():
@@ -66,7 +70,11 @@ def class_folders(root: str | os.PathLike[str], warn: bool = False, allow_flat: 
             continue
         if entry.is_dir():
             names.append(entry.name)
-        elif warn and not (allow_flat and is_image_file(entry.name)):
+        elif allow_flat and is_image_file(entry.name):
+            continue
+        elif skipped is not None:
+            skipped.append(entry.name)
+        elif warn:
             rank_zero_warn(f"ignoring {entry.path}: not a class folder")
     return names
 
@@ -98,24 +106,36 @@ def resolve_class_list(classes: str | Sequence[str] | None, root: str | os.PathL
 
 
 # ------------------------------------------------------------------------------------------------ scanning
-def scan_image_folder(root: str | os.PathLike[str], allow_flat: bool = False) -> dict[str, list[str]]:
+def scan_image_folder(root: str | os.PathLike[str], allow_flat: bool = False,
+                      skipped: list[str] | None = None) -> dict[str, list[str]]:
     """Map each class folder of ``root`` to its sorted image paths (POSIX, relative to ``root``).
 
-    Sub-directories inside a class folder are searched recursively; hidden entries and files without an image
-    extension are skipped. An empty
-    class folder raises DataError naming it. With ``allow_flat``, images directly inside ``root`` are returned
-    under the key ``""`` (unlabelled, for prediction).
+    Sub-directories inside a class folder are searched recursively. Hidden entries are ignored; every other file
+    that is not an image Pillow reads (`image_io.is_image_file`), and every non-folder entry of ``root`` itself,
+    is skipped and named: appended to ``skipped`` (paths relative to ``root``) when given, else in one warning
+    with the count and the first few. An empty class folder raises DataError naming it. With ``allow_flat``,
+    images directly inside ``root`` are returned under the key ``""`` (unlabelled, for prediction).
     """
     root = Path(root)
+    report = skipped is None
+    skipped = [] if skipped is None else skipped
+    first_skip = len(skipped)
     result: dict[str, list[str]] = {}
-    for name in class_folders(root, warn=True, allow_flat=allow_flat):
+    for name in class_folders(root, allow_flat=allow_flat, skipped=skipped):
         found: list[str] = []
+        others: list[str] = []
         for dirpath, dirnames, filenames in os.walk(root / name):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             rel_dir = Path(dirpath).relative_to(root).as_posix()
-            found.extend(f"{rel_dir}/{f}" for f in filenames if is_image_file(f))
+            for f in sorted(filenames):
+                if is_image_file(f):
+                    found.append(f"{rel_dir}/{f}")
+                elif not f.startswith("."):
+                    others.append(f"{rel_dir}/{f}")
         if not found:
-            raise DataError(f"class folder {root / name} contains no images ({', '.join(IMAGE_EXTENSIONS)})")
+            what = f"only files that are not images Pillow reads: {', '.join(others[:5])}" if others else "no files"
+            raise DataError(f"class folder {root / name} contains no images ({what})")
+        skipped.extend(others)
         result[name] = sorted(found)
     if allow_flat:
         flat = sorted(e.name for e in os.scandir(root) if e.is_file() and is_image_file(e.name))
@@ -123,6 +143,8 @@ def scan_image_folder(root: str | os.PathLike[str], allow_flat: bool = False) ->
             result[""] = flat
     if not result:
         raise DataError(f"image folder {root} contains no class folders with images")
+    if report and len(skipped) > first_skip:
+        rank_zero_warn(skipped_summary(root, skipped[first_skip:]))
     return result
 
 
@@ -186,70 +208,6 @@ def select_few_shot(
     return FewShotSelection(fine_tuning, held_out, train, {k: v for k, v in val.items() if v})
 
 
-# ------------------------------------------------------------------------------------------------ metadata CSV
-@dataclass
-class Metadata:
-    """Per-image rows of a metadata CSV, keyed by image path relative to its root.
-
-    ``groups`` holds integer group ids: integer ``group`` values are kept, string values are numbered in sorted
-    order (``group_names`` maps id -> name). Images absent from the CSV get group -1. ``labels`` keeps the raw
-    ``label`` cell and its CSV line for consistency checks; ``extra`` holds all other columns as strings.
-    """
-
-    path: str
-    groups: dict[str, int] = field(default_factory=dict)
-    group_names: dict[int, str] = field(default_factory=dict)
-    labels: dict[str, tuple[int, str]] = field(default_factory=dict)
-    extra: dict[str, dict[str, str]] = field(default_factory=dict)
-
-
-def read_metadata(path: str | os.PathLike[str]) -> Metadata:
-    """Read a metadata CSV with column ``image`` and optional ``group``, ``label`` and extra columns."""
-    path = str(path)
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            columns = [c.strip() for c in reader.fieldnames or []]
-            rows = []
-            for row in reader:  # cells beyond the header (key None) are dropped; missing cells read as ""
-                rows.append((reader.line_num, {k.strip(): (v or "").strip() for k, v in row.items() if k}))
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(f"metadata CSV {path} cannot be read: {exc}") from exc
-    if "image" not in columns:
-        raise DataError(f"metadata CSV {path} needs an 'image' column, found columns {columns}")
-    meta = Metadata(path)
-    raw_groups: dict[str, str] = {}
-    for line, row in rows:
-        try:
-            rel = normalize_rel_path(row["image"])
-        except DataError as exc:
-            raise DataError(f"metadata CSV {path} line {line}: {exc}") from exc
-        if rel in meta.extra:
-            raise DataError(f"metadata CSV {path} line {line}: image {rel!r} is listed twice")
-        if row.get("group", ""):
-            raw_groups[rel] = row["group"]
-        if row.get("label", ""):
-            meta.labels[rel] = (line, row["label"])
-        meta.extra[rel] = {k: v for k, v in row.items() if k not in ("image", "group", "label")}
-    values = set(raw_groups.values())
-    if all(_is_int(v) for v in values):
-        meta.groups = {rel: int(v) for rel, v in raw_groups.items()}
-        meta.group_names = {int(v): v for v in sorted(values, key=int)}
-    else:
-        ids = {name: i for i, name in enumerate(sorted(values))}
-        meta.groups = {rel: ids[v] for rel, v in raw_groups.items()}
-        meta.group_names = {i: name for name, i in ids.items()}
-    return meta
-
-
-def _is_int(text: str) -> bool:
-    try:
-        int(text)
-    except ValueError:
-        return False
-    return True
-
-
 # ------------------------------------------------------------------------------------------------ samples
 @dataclass(frozen=True)
 class Sample:
@@ -281,7 +239,7 @@ def build_samples(
         for rel in images_by_class[folder]:
             if folder and metadata is not None and rel in metadata.labels:
                 line, raw = metadata.labels[rel]
-                ok = int(raw) == label if _is_int(raw) else raw == folder
+                ok = int(raw) == label if is_int(raw) else raw == folder
                 if not ok:
                     raise DataError(
                         f"metadata CSV {metadata.path} line {line}: label {raw!r} for image {rel!r} disagrees with "

@@ -1,23 +1,60 @@
-"""Reading images: which files are images, and opening one as RGB whatever its mode or bit depth."""
+"""Reading images: which files are images, and opening one as RGB whatever its mode or bit depth.
+
+Which files are images: every extension Pillow registers for a format it can open (``PIL.Image.
+registered_extensions()``, so a plugin such as pillow-heif that registers ``.heic`` counts once imported),
+except formats nobody would call an image: documents (PDF, PostScript), video and animation (MPEG, FLI),
+scientific data containers (FITS, HDF5, GRIB, BUFR), IPTC news metadata and Windows-only vector metafiles
+(WMF/EMF); and Pillow's multi-picture JPEG ``.mpo``, which the JPEG opener reads. Hidden files (a leading dot)
+are never images.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
 
 from cft_lightning.data.errors import DataError
 
-__all__ = ["IMAGE_EXTENSIONS", "is_image_file", "load_image"]
+__all__ = ["IMAGE_EXTENSIONS", "NON_IMAGE_FORMATS", "image_extensions", "is_image_file", "load_image",
+           "skipped_summary"]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+# Pillow formats that are readable but are not what a user calls an image (see the module docstring).
+NON_IMAGE_FORMATS = frozenset({"BUFR", "EPS", "FITS", "FLI", "GRIB", "HDF5", "IPTC", "MPEG", "PDF", "WMF"})
+_EXTRA_EXTENSIONS = (".mpo",)  # multi-picture JPEG: opened by the JPEG plugin, so not in Image.OPEN
+_cache: tuple[int, frozenset[str]] = (-1, frozenset())
+
+
+def _extension_set() -> frozenset[str]:
+    global _cache
+    registered = Image.registered_extensions()  # imports Pillow's plugins on first use
+    if _cache[0] != len(registered) + len(Image.OPEN):  # recomputed when a plugin registers more formats
+        readable = {e.lower() for e, fmt in registered.items() if fmt in Image.OPEN and fmt not in NON_IMAGE_FORMATS}
+        _cache = (len(registered) + len(Image.OPEN), frozenset(readable | set(_EXTRA_EXTENSIONS)))
+    return _cache[1]
+
+
+def image_extensions() -> tuple[str, ...]:
+    """Sorted lower-case extensions (with the dot) of the image formats Pillow can open now."""
+    return tuple(sorted(_extension_set()))
+
+
+IMAGE_EXTENSIONS = image_extensions()  # at import; `image_extensions()` also sees plugins registered later
 
 
 def is_image_file(name: str) -> bool:
-    """Visible file with an image extension (case-insensitive)."""
-    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+    """Visible file with the extension of an image format Pillow reads (case-insensitive)."""
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in _extension_set()
 
+
+def skipped_summary(where: str | os.PathLike[str], skipped: Sequence[str], full_list: str | None = None,
+                    first: int = 5) -> str:
+    """One line naming skipped files: their count, the first few, and where the full list is."""
+    names = ", ".join(str(s) for s in skipped[:first]) + (", ..." if len(skipped) > first else "")
+    tail = f"; full list in {full_list}" if full_list else ""
+    return f"skipped {len(skipped)} file(s) in {where} that are not images Pillow reads: {names}{tail}"
 
 
 def load_image(path: str | os.PathLike[str]) -> Image.Image:

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, fields
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -49,6 +49,39 @@ class DataConfig:
     def resize_size(self) -> tuple[int, int]:
         """Size before cropping, ``floor(input_size / crop_pct)`` per side (timm's eval rule)."""
         return tuple(math.floor(s / self.crop_pct) for s in self.input_size)  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """The random part of the training transform (evaluation never augments; the default is the CFT release's).
+
+    Args:
+        crop: ``random``: a random ``input_size`` crop of the resized image; ``center``: the evaluation's centre
+            crop (no random geometry).
+        hflip: Probability of a horizontal flip of image and masks; ``0`` turns flipping off (digits, text,
+            any class whose mirror image is another class or no class).
+    """
+
+    crop: Literal["random", "center"] = "random"
+    hflip: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.crop not in ("random", "center"):
+            raise DataError(f"data.augmentation.crop must be 'random' or 'center', got {self.crop!r}")
+        if not 0.0 <= float(self.hflip) <= 1.0:
+            raise DataError(f"data.augmentation.hflip is a probability in [0, 1], got {self.hflip!r}")
+
+    @classmethod
+    def parse(cls, value: Augmentation | Mapping[str, Any] | None) -> Augmentation:
+        """An Augmentation from itself, a mapping of its fields (missing ones take the defaults) or None."""
+        if value is None or isinstance(value, Augmentation):
+            return value or cls()
+        if not isinstance(value, Mapping):
+            raise DataError(f"data.augmentation must be a mapping like {{crop: random, hflip: 0.5}}, got {value!r}")
+        unknown = sorted(set(value) - {f.name for f in fields(cls)})
+        if unknown:
+            raise DataError(f"data.augmentation: unknown key(s) {unknown}; known: crop, hflip")
+        return cls(**value)
 
 
 def parse_data_config(config: Mapping[str, Any] | DataConfig) -> DataConfig:
@@ -89,31 +122,35 @@ class JointTransform:
     """Transform a PIL image and its masks together.
 
     Train: Resize (shorter side to ``floor(input_size / crop_pct)``; both sides for a non-square input) ->
-    RandomCrop(input_size) -> RandomHorizontalFlip -> ToDtype(float32, scale) -> Normalize(mean, std).
-    Eval: the same with CenterCrop and no flip.
+    RandomCrop(input_size) -> RandomHorizontalFlip(0.5) -> ToDtype(float32, scale) -> Normalize(mean, std), with
+    the crop and flip set by ``augmentation`` (default: as listed). Eval: the same with CenterCrop and no flip.
 
     Call: ``image, masks = transform(pil_rgb_image, {kind: bool array (H, W)})`` returns a float tensor (3, h, w)
     and ``{kind: float32 tensor (h, w)}`` with values exactly 0 or 1.
     """
 
-    def __init__(self, data_config: Mapping[str, Any] | DataConfig, train: bool) -> None:
+    def __init__(self, data_config: Mapping[str, Any] | DataConfig, train: bool,
+                 augmentation: Augmentation | Mapping[str, Any] | None = None) -> None:
         self.config = parse_data_config(data_config)
         self.train = train
+        self.augmentation = Augmentation.parse(augmentation) if train else None
         cfg = self.config
         height, width = cfg.input_size
         resize_h, resize_w = cfg.resize_size
         resize_to: int | list[int] = resize_h if height == width else [resize_h, resize_w]
         interpolation = _INTERPOLATIONS[cfg.interpolation]
         steps: list[Any] = [v2.Resize(resize_to, interpolation=interpolation, antialias=True)]
-        if train:
-            steps += [v2.RandomCrop((height, width)), v2.RandomHorizontalFlip(p=0.5)]
-        else:
-            steps += [v2.CenterCrop((height, width))]
+        aug = self.augmentation
+        crop = v2.RandomCrop if aug is not None and aug.crop == "random" else v2.CenterCrop
+        steps.append(crop((height, width)))
+        if aug is not None and aug.hflip > 0:
+            steps.append(v2.RandomHorizontalFlip(p=float(aug.hflip)))
         steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(cfg.mean), list(cfg.std))]
         self.pipeline = v2.Compose(steps)
 
     def __repr__(self) -> str:
-        return f"JointTransform(train={self.train}, {self.config})"
+        aug = f", {self.augmentation}" if self.augmentation is not None else ""
+        return f"JointTransform(train={self.train}, {self.config}{aug})"
 
     def __call__(
         self, image: Image.Image, masks: Mapping[str, np.ndarray] | None = None
@@ -133,6 +170,8 @@ class JointTransform:
         return image_tensor, {k: mask_tensor[i].contiguous() for i, k in enumerate(kinds)}
 
 
-def build_transforms(data_config: Mapping[str, Any] | DataConfig) -> tuple[JointTransform, JointTransform]:
-    """``(train_transform, eval_transform)`` for a model's data config."""
-    return JointTransform(data_config, train=True), JointTransform(data_config, train=False)
+def build_transforms(
+    data_config: Mapping[str, Any] | DataConfig, augmentation: Augmentation | Mapping[str, Any] | None = None
+) -> tuple[JointTransform, JointTransform]:
+    """``(train_transform, eval_transform)`` for a model's data config and the training augmentation."""
+    return JointTransform(data_config, train=True, augmentation=augmentation), JointTransform(data_config, train=False)

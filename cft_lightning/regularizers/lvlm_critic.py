@@ -5,12 +5,14 @@ on), the segments of the model's explanation that an LVLM critic and judge call 
 the corrective mask A (mask kind `critic`, 1 = must not be used). Fine-tuning is RRR with A as the
 penalised region:
 
-    L = CE(f(x), y) + lambda * sum_{n,i} (A_ni * d/dx_ni sum_k log p_nk)^2 (+ gamma ||theta||^2)
+    L = sum_n CE(f(x_n), y_n) + lambda * sum_{n,i} (A_ni * d/dx_ni sum_k log p_nk)^2 (+ gamma ||theta||^2)
 
 and the alignment samples are mixed into every batch at a fixed ratio, oversampled when few. The mixing
 is the data module's job (`data.alignment_kind: critic`, `data.alignment_ratio`); images outside the
 alignment set carry an all-zero critic mask and contribute cross-entropy only. lambda: 1 on the paper's
-real data (ISIC, knee X-ray), 1e5 on DecoyMNIST.
+real data (ISIC, knee X-ray), 1e5 on DecoyMNIST. Both terms are summed over the batch there, so the default
+`reduction: sum` (penalty per image, averaged like the cross-entropy) is that loss divided by the batch size:
+the paper's lambda means the same here at any batch size.
 """
 
 from __future__ import annotations
@@ -40,7 +42,9 @@ class LVLMCritic(RRR):
             grad_weight: lambda (1 on real data in LVLM-VA, 1e5 on DecoyMNIST).
             cls_weight: weight of the cross-entropy on the labels.
             l2_weight: gamma, optional weight decay term.
-            reduction: `sum` (the paper's formula) or `mean` over the penalised pixels.
+            reduction: `sum` (per image, averaged over the batch: the paper's formula over the batch size),
+                `batch_sum` (penalty summed over the batch, cross-entropy averaged) or `mean` over the
+                penalised pixels.
             mask_kind: the corrective masks (`critic`).
             alignment_ratio: share of every batch drawn from the alignment set; the data module must be
                 configured with the same `alignment_ratio` and `alignment_kind` (checked at start-up).
