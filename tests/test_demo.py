@@ -223,3 +223,27 @@ def test_report_rewrites_the_summary_from_results_on_disk(demo_run: Path, capsys
         main(["demo", "--out", str(run), "--methods", "plain", "rrr", "--report", *TINY])
     assert info.value.code != 0
     assert "seed_0/rrr/results.json does not exist" in capsys.readouterr().err
+
+
+def test_the_demo_trains_on_one_thread_and_another_count_is_another_cached_model(demo_run: Path) -> None:
+    """Thread count changes the float sums and so the trained model: the demo trains on 1 thread (the documented
+    models come out again), restores the caller's count, and caches another count's models under another recipe."""
+    import torch
+
+    from cft_lightning.benchmarks import ShortcutPartsSpec
+    from cft_lightning.demo.start import torch_threads
+
+    before = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="--threads"):
+        with torch_threads(0):
+            pass
+    first = json.loads((demo_run / "run" / "seed_0" / "start.json").read_text())
+    assert all("threads" not in s["recipe"] for s in first["stages"])  # 1 thread: the recipes of docs/demo.md
+    spec = ShortcutPartsSpec(num_classes=3, image_size=32, train_per_class=12, test_per_class=6)
+    two = build_start(DemoSettings(benchmark=spec, pretrain_epochs=1, shortcut_epochs=1, threads=2, progress=False),
+                      demo_run / "data", 0, demo_run / "two")
+    assert [s["cached"] for s in two["stages"]] == [False, False]
+    assert all(s["recipe"]["threads"] == 2 for s in two["stages"]) and two.weights != Path(first["weights"])

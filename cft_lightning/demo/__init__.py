@@ -97,6 +97,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="benchmark folder (default: $CFT_CACHE or ~/.cache/cft_lightning, where the starting models "
                    "are cached too)")
     p.add_argument("--overlays", type=int, default=6, help="relevance overlays to draw (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=d.threads,
+                   help="PyTorch threads for training and testing (default: %(default)s, with which the starting "
+                   "models and numbers of docs/demo.md were made and come out again with the same torch build; "
+                   "more threads are faster but train other models, cached separately)")
     p.add_argument("--report", action="store_true",
                    help="train nothing: rewrite the summary, tables and pictures from the results already in --out "
                    "for --seeds and --methods (e.g. after runs of method subsets in parallel into one folder)")
@@ -146,11 +150,12 @@ def _calibrate(settings: DemoSettings) -> None:
 
     from cft_lightning.benchmarks import build_shortcut_parts
     from cft_lightning.demo import calibration
-    from cft_lightning.demo.start import build_start
+    from cft_lightning.demo.start import build_start, torch_threads
 
     data = build_shortcut_parts(settings.data_dir, settings.benchmark, progress=settings.progress)
     out = Path(settings.out)
-    starts = {str(seed): build_start(settings, data, seed, out / f"seed_{seed}") for seed in settings.seeds}
+    with torch_threads(settings.threads):
+        starts = {str(seed): build_start(settings, data, seed, out / f"seed_{seed}") for seed in settings.seeds}
     path = calibration.write(starts, out / "calibration.md")
     Console().print(path.read_text())
     for line in calibration.failed(starts):
@@ -180,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
                             finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
                             images_per_class=args.images_per_class, class_fraction=args.class_fraction,
                             full_split_epochs=args.full_split_epochs, fewshot_pool=args.fewshot_pool,
-                            mask_source=args.mask_source, critic=args.critic,
+                            mask_source=args.mask_source, critic=args.critic, threads=args.threads,
                             progress=not args.no_progress and sys.stderr.isatty())
     Path(settings.out).mkdir(parents=True, exist_ok=True)
     if args.calibrate:

@@ -38,7 +38,7 @@ from cft_lightning.demo.settings import (
     TABLE7_METHODS,
     DemoSettings,
 )
-from cft_lightning.demo.start import build_start, stage_note
+from cft_lightning.demo.start import build_start, stage_note, torch_threads
 from cft_lightning.models import GuidedFineTuner
 from cft_lightning.models.backbone import build_backbone, resolve_data_config
 from cft_lightning.regularizers import (
@@ -344,6 +344,11 @@ def collect(settings: DemoSettings) -> dict[str, Any]:
 
 def run_demo(settings: DemoSettings) -> dict[str, Any]:
     """Run every seed and method; returns {seed: {method: results}} and writes `summary.json`."""
+    with torch_threads(settings.threads):
+        return _run_demo(settings)
+
+
+def _run_demo(settings: DemoSettings) -> dict[str, Any]:
     unknown = [m for m in settings.methods if m not in METHODS]
     if unknown:
         raise ValueError(f"cft demo: unknown method(s) {unknown}; available: {sorted(METHODS)}")

@@ -24,6 +24,8 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,7 +46,7 @@ from cft_lightning.regularizers import PlainFineTuning
 if TYPE_CHECKING:
     from cft_lightning.demo.pipeline import DemoSettings
 
-__all__ = ["STARTS", "StartModel", "build_start", "profile", "stage_note", "upstream_spec"]
+__all__ = ["STARTS", "StartModel", "build_start", "profile", "stage_note", "torch_threads", "upstream_spec"]
 
 STARTS = ("pretrained", "scratch")
 RECIPE_VERSION = 1  # bump when the training code of a stage changes: older cache entries are retrained
@@ -97,6 +99,19 @@ def _cached(weights: Path, record: Path, recipe: dict[str, Any]) -> dict[str, An
     return stored
 
 
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """PyTorch's intra-op thread count set to `count` inside, restored after (`DemoSettings.threads`)."""
+    if count < 1:
+        raise ValueError(f"cft demo: --threads must be >= 1, got {count}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _train(settings: DemoSettings, data: Path, seed: int, epochs: int, lr: float, init: Path | None,
            log_dir: Path) -> torch.nn.Module:
     from cft_lightning.demo.pipeline import _trainer
@@ -106,7 +121,8 @@ def _train(settings: DemoSettings, data: Path, seed: int, epochs: int, lr: float
                             weight_decay=0.05, lr_step_size=0, track_reference=False)
     dm = GuidanceDataModule(str(data / "images" / "train"), mask_kinds=[], class_fraction=1.0, images_per_class=None,
                             val_root=str(data / "images" / "val"), batch_size=64, seed=seed)
-    _trainer(settings, log_dir, epochs).fit(model, dm)
+    with torch_threads(settings.threads):
+        _trainer(settings, log_dir, epochs).fit(model, dm)
     return model.backbone
 
 
@@ -216,6 +232,8 @@ def build_start(settings: DemoSettings, data: Path, seed: int, out: Path) -> Sta
         raise ValueError(f"cft demo: start must be one of {STARTS}, got {settings.start!r}")
     base = {"version": RECIPE_VERSION, "seed": seed, "backbone": asdict(settings.backbone(None)),
             "batch_size": 64, "weight_decay": 0.05}
+    if settings.threads != 1:  # another thread count trains another model (DemoSettings.threads)
+        base["threads"] = settings.threads
     stages = []
     upstream = upstream_spec(settings.benchmark)
     up_data = build_shortcut_parts(None, upstream, progress=settings.progress)
