@@ -140,3 +140,20 @@ def test_critique_that_writes_no_mask_exits_1_with_its_report(critique_inputs, t
     summary = json.loads((out / "critique" / "summary.json").read_text())
     assert summary["masks_written"] == 0 and len(summary["failed"]) == 3
     assert (out / "critique" / "report.md").is_file()
+
+
+def test_explain_offline_names_its_own_weight_flag(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                   monkeypatch: pytest.MonkeyPatch):
+    """Hub weights that cannot be fetched: one line naming `--weights` (cft explain's flag, not a config key),
+    how to pre-download, and HF_HUB_OFFLINE=1."""
+    constants = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "x.png")
+    code, err, _ = run(["explain", "--model", "vit_tiny_patch16_224.augreg_in21k", "--pretrained", "--images",
+                        str(tmp_path / "x.png"), "--out", str(tmp_path / "out"), "--no_progress"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "with --weights." in err and "HF_HUB_OFFLINE=1" in err and "model.backbone" not in err

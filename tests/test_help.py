@@ -73,3 +73,20 @@ def test_help_does_not_import_lightning(command: list[str]):
     proc = subprocess.run([sys.executable, "-c", code, *command], capture_output=True, text=True, timeout=120)
     assert "usage:" in proc.stdout, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "IMPORTED []", (command, proc.stdout[-300:])
+
+
+def test_trainer_help_is_cached_and_its_titles_are_whole_sentences(capsys: pytest.CaptureFixture, tmp_path,
+                                                                  monkeypatch: pytest.MonkeyPatch):
+    """`cft test --help` is generated once into $CFT_CACHE/help and read from there after; its own options are
+    titled by us (Lightning's title is the Trainer.test docstring cut at a colon, mid-sentence)."""
+    monkeypatch.setenv("CFT_CACHE", str(tmp_path))
+    outputs = []
+    for _ in range(2):
+        with pytest.raises(SystemExit) as exc:
+            main(["test", "--help"])
+        assert exc.value.code == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] and len(list((tmp_path / "help").glob("test-*.txt"))) == 1
+    titles = [line for line in outputs[0].splitlines() if line and not line.startswith(" ") and line.endswith(":")]
+    assert "test: the test splits and benchmarks of a checkpoint, its Original beside it (Trainer.test):" in titles
+    assert not any("never run on your" in line for line in titles)
