@@ -110,6 +110,8 @@ def images_by_class(root: str | os.PathLike[str]) -> dict[str, list[str]]:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from cft_lightning.masks.grounding_options import add_grounding_options
+
     p = argparse.ArgumentParser(prog="cft concepts validate", description="Occurrence and coverage "
                                 "validation of a concept bank (the CFT paper: P = 30 images per class).")
     p.add_argument("--bank", required=True, help="concept bank JSON (from `cft concepts`)")
@@ -118,14 +120,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="grounded_sam: GroundingDINO + SAM (as `cft masks generate`); oracle: masks looked up in "
                    "--masks (the embedded benchmark) (default: %(default)s)")
     p.add_argument("--masks", help="mask store of the oracle grounder")
-    p.add_argument("--detector", default="IDEA-Research/grounding-dino-base",
-                   help="GroundingDINO: hub id or local folder (default: %(default)s)")
-    p.add_argument("--segmenter", default="facebook/sam-vit-base",
-                   help="SAM: hub id or local folder (default: %(default)s)")
-    p.add_argument("--box_threshold", type=float, default=0.35,
-                   help="GroundingDINO box score threshold (default: %(default)s)")
-    p.add_argument("--text_threshold", type=float, default=0.25,
-                   help="GroundingDINO text score threshold (default: %(default)s)")
+    add_grounding_options(p)
     p.add_argument("--device", default="cpu", help="device of the grounding models, e.g. cuda (default: %(default)s)")
     p.add_argument("--out", required=True, help="validated bank JSON")
     p.add_argument("--per_class", type=int, default=30,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 
 from cft_lightning.data.errors import CommandFailed
+from cft_lightning.masks.grounding_options import add_grounding_options
 from cft_lightning.masks.importers import import_binary_masks, import_imagenet_s
 
 __all__ = ["main"]
@@ -35,14 +36,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="grounded_sam: the models; oracle: masks looked up in --oracle_masks (embedded "
                      "benchmark) (default: %(default)s)")
     gen.add_argument("--oracle_masks", help="mask store of the oracle grounder")
-    gen.add_argument("--detector", default="IDEA-Research/grounding-dino-base",
-                     help="GroundingDINO: hub id or local folder (default: %(default)s)")
-    gen.add_argument("--segmenter", default="facebook/sam-vit-base",
-                     help="SAM: hub id or local folder (default: %(default)s)")
-    gen.add_argument("--box_threshold", type=float, default=0.35,
-                     help="GroundingDINO box score threshold (default: %(default)s)")
-    gen.add_argument("--text_threshold", type=float, default=0.25,
-                     help="GroundingDINO text score threshold (default: %(default)s)")
+    add_grounding_options(gen)
     gen.add_argument("--batch_size", type=int, default=8, help="images per predict step (default: %(default)s)")
     gen.add_argument("--accelerator", default="auto",
                      help="Lightning accelerator: cpu, gpu, auto (default: %(default)s)")
