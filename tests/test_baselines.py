@@ -145,7 +145,7 @@ def test_rrr_masks_and_arguments_are_validated():
                    {"consistency_target": "teacher"}):
         with pytest.raises(ValueError):
             RRR(**kwargs)
-    assert RRR(mask_kind="concept").required_masks == ("concept",)
+    assert RRR(mask_kind="concept").requirements.masks == ("concept",)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -303,7 +303,7 @@ def test_lvlm_critic_penalises_the_critic_region_only():
     (g,) = torch.autograd.grad(F.log_softmax(model(x), dim=1).sum(), x)
     want = ((g * batch["masks"]["critic"].double()[:, None]) ** 2).sum() / 2  # per image, mean over the batch
     torch.testing.assert_close(out.terms["grad"], want, rtol=1e-10, atol=0)
-    assert LVLMCritic().required_masks == ("critic",)
+    assert LVLMCritic().requirements.masks == ("critic",)
     with pytest.raises(ValueError, match="alignment_ratio"):
         LVLMCritic(alignment_ratio=1.0)
 

@@ -171,11 +171,13 @@ def test_datamodule_without_any_critic_mask_fails_clearly(data: Path, tmp_path: 
         dm.setup("fit")
 
 
-def test_lvlm_critic_needs_matching_data_settings(data: Path, tmp_path: Path):
-    with pytest.raises(ValueError, match="alignment_kind: critic"):
-        trainer(tmp_path).fit(fine_tuner(LVLMCritic()), datamodule=datamodule(data, mask_kinds=["critic"],
-                                                                             missing_masks="empty"))
-    with pytest.raises(ValueError, match="alignment_ratio: 0.5"):
+def test_lvlm_critic_alignment_set_has_one_source(data: Path, tmp_path: Path):
+    """The data module takes the alignment set (mask kind, ratio) from the regularizer's declaration; data
+    settings that disagree are refused in one line."""
+    dm = datamodule(data, mask_kinds=[], batch_size=4)
+    trainer(tmp_path).fit(fine_tuner(LVLMCritic(alignment_ratio=0.25)), datamodule=dm)
+    assert (dm.alignment_kind, dm.alignment_ratio) == ("critic", 0.25) and "critic" in dm.mask_kinds
+    with pytest.raises(DataError, match="differ from the regularizer's alignment set"):
         trainer(tmp_path).fit(fine_tuner(LVLMCritic()),
                               datamodule=datamodule(data, alignment_kind="critic", alignment_ratio=0.25,
                                                     batch_size=4))

@@ -121,7 +121,8 @@ def test_baseline_snippet_parses_over_its_base_config(path: Path, capsys: pytest
     assert config["trainer"]["default_root_dir"] == f"runs/{path.stem}"
     assert (model["relevance"] is None) == (method != "robust_vit")
     if method == "lvlm_va":
-        assert config["data"]["alignment_kind"] == "critic"
-        assert config["data"]["alignment_ratio"] == args["alignment_ratio"]
+        # one source: the regularizer declares the alignment set, the data module takes it from there
+        assert config["data"]["alignment_kind"] is None  # not set in the data section
+        assert args["alignment_ratio"] == 0.5 and model["regularizer"]["init_args"]["mask_kind"] == "critic"
     else:
         assert config["data"]["mask_kinds"] == [args["mask_kind"]]

@@ -808,3 +808,41 @@ def test_frozen_prefixes_keep_the_input_end_fixed_while_the_rest_trains() -> Non
     assert not torch.equal(before["blocks.1.attn.qkv.weight"], after["blocks.1.attn.qkv.weight"])
     with pytest.raises(ValueError, match="name no parameter"):
         cft_model(frozen=["patch_embedding"])
+
+
+class _Renamed(PlainFineTuning):
+    """A user's regularizer that keeps an argument under another attribute name (and a private one)."""
+
+    def __init__(self, strength: float = 1.0, consistency_target: str = "label") -> None:
+        super().__init__(consistency_target=consistency_target)
+        self._strength = strength
+        self.scale = 2 * strength
+
+
+def test_plugins_round_trip_through_a_checkpoint_whatever_their_attribute_names(tmp_path: Path):
+    """The arguments a plugin was built with are recorded at construction (`RecordsInitArgs`), so the hparams
+    rebuild it exactly, even when it stores them under other names; the old attribute scan would lose
+    `strength` and rebuild the default."""
+    model = GuidedFineTuner(spec(), _Renamed(strength=0.25, consistency_target="self"), None, lr=3e-4,
+                            track_reference=False)
+    hp = dict(model.hparams)
+    assert hp["regularizer"]["init_args"] == {"strength": 0.25, "consistency_target": "self"}
+    path = tmp_path / "plugin.ckpt"
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": hp,
+                "pytorch-lightning_version": "2.6.0"}, path)
+    loaded = GuidedFineTuner.load_from_checkpoint(path, map_location="cpu", weights_only=False)
+    assert isinstance(loaded.regularizer, _Renamed)
+    assert loaded.regularizer.scale == 0.5 and loaded.regularizer.consistency_target == "self"
+
+
+def test_requirements_are_the_one_declaration_the_fine_tuner_reads():
+    from cft_lightning._plugins import Requirements
+
+    assert CFT(mask_kind="object").requirements == Requirements(masks=("object",), relevance=True)
+    assert PlainFineTuning(consistency_target="reference").requirements.reference_logits
+    assert GradMask().requirements == Requirements(masks=("object",), autograd=True)
+    assert LVLMCritic(alignment_ratio=0.25).requirements.alignment == ("critic", 0.25)
+    with pytest.raises(ValueError, match="needs model.relevance"):
+        GuidedFineTuner(spec(), CFT(), None, track_reference=False)
+    with pytest.raises(ValueError, match="must be a cft_lightning.regularizers.Regularizer"):
+        GuidedFineTuner(spec(), object(), None, track_reference=False)

@@ -362,13 +362,13 @@ def test_cft_defaults_and_required_masks():
     assert (cft.concept_weight, cft.non_concept_weight, cft.align_weight, cft.cls_weight) == (0.5, 1.2, 0.8, 0.2)
     assert (cft.loss_form, cft.consistency_target, cft.relevance_target) == ("paper", "self", "label")
     assert cft.temperature == 1.0
-    assert cft.required_masks == ("concept",)
+    assert cft.requirements.masks == ("concept",)
     assert CFT.needs_relevance
     obj = ObjectMaskGuidance()
-    assert obj.required_masks == ("object",) and obj.mask_kind == "object"
+    assert obj.requirements.masks == ("object",) and obj.mask_kind == "object"
     assert (obj.concept_weight, obj.non_concept_weight, obj.align_weight, obj.cls_weight) == (0.5, 1.2, 0.8, 0.2)
-    assert CFT(mask_kind="parts").required_masks == ("parts",)
-    assert PlainFineTuning().required_masks == () and not PlainFineTuning.needs_relevance
+    assert CFT(mask_kind="parts").requirements.masks == ("parts",)
+    assert PlainFineTuning().requirements.masks == () and not PlainFineTuning.needs_relevance
     assert PlainFineTuning().consistency_target == "label"
 
 

@@ -27,6 +27,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+from cft_lightning._plugins import Requirements
 from cft_lightning.data.alignment import alignment_slots
 from cft_lightning.data.benchmark_splits import ALL_BENCHMARKS, BENCHMARK_DATASETS, BenchmarkTestSplits
 from cft_lightning.data.errors import DataError
@@ -103,7 +104,9 @@ class GuidanceDataModule(SplitLoaders, RunFiles, BenchmarkTestSplits, L.Lightnin
             defaults, the CFT release's random crop and flip with p = 0.5. Evaluation never augments.
         alignment_kind: Mask kind that defines LVLM-VA's alignment set (``critic``): the training images with such
             a mask are mixed into every training batch at ``alignment_ratio`` (oversampled when few); the others
-            get an all-zero mask of that kind. ``null`` (default): ordinary shuffled batches.
+            get an all-zero mask of that kind. ``null`` (default): the regularizer's declared alignment set
+            (``LVLMCritic``: its ``mask_kind`` and ``alignment_ratio``) if it has one, else ordinary batches.
+            Set it only for a regularizer that declares none; if both are set they must agree.
         alignment_ratio: Share of each training batch drawn from the alignment set (rounded, at least one image).
         benchmarks: Robustness benchmark roots for ``test``, ``{name: folder}`` (names: ``in_val``, ``in_v2``,
             ``in_a``, ``in_r``, ``in_sketch``, ``objectnet``, ``si_score_location|rotation|size``, and ``imagenet_seg``:
@@ -180,15 +183,6 @@ class GuidanceDataModule(SplitLoaders, RunFiles, BenchmarkTestSplits, L.Lightnin
             )
         if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1) or num_workers < 0:
             raise DataError("data.batch_size / eval_batch_size must be >= 1 and num_workers >= 0")
-        if alignment_kind is not None:
-            if masks is None:
-                raise DataError(f"data.alignment_kind={alignment_kind!r} needs data.masks (a mask store)")
-            try:
-                alignment_slots(batch_size, alignment_ratio)
-            except ValueError as exc:
-                raise DataError(f"data.alignment_ratio / batch_size: {exc}") from exc
-            if alignment_kind not in mask_kinds:
-                mask_kinds = [*mask_kinds, alignment_kind]
         self.root = root
         self.masks = masks
         self.mask_kinds = list(mask_kinds)
@@ -208,8 +202,10 @@ class GuidanceDataModule(SplitLoaders, RunFiles, BenchmarkTestSplits, L.Lightnin
         self.pin_memory = pin_memory
         self.data_config = data_config
         self.augmentation = Augmentation.parse(augmentation)
-        self.alignment_kind = alignment_kind
+        self.alignment_kind: str | None = None
         self.alignment_ratio = alignment_ratio
+        if alignment_kind is not None:
+            self._set_alignment(alignment_kind, alignment_ratio, "data.alignment_kind")
         unknown = sorted(set(benchmarks or {}) - set(ALL_BENCHMARKS))
         if unknown:
             raise DataError(f"data.benchmarks: unknown benchmark(s) {unknown}; known: {', '.join(ALL_BENCHMARKS)}")
@@ -309,8 +305,39 @@ class GuidanceDataModule(SplitLoaders, RunFiles, BenchmarkTestSplits, L.Lightnin
             donors = False
         return GuidanceDataset(root, samples, transform, store, kinds, "error", donors=donors)
 
+    def _set_alignment(self, kind: str, ratio: float, source: str) -> None:
+        """Mix `ratio` of every training batch from the images with a `kind` mask (LVLM-VA's alignment set)."""
+        if self.masks is None:
+            raise DataError(f"{source}: the alignment set {kind!r} needs data.masks (a mask store)")
+        try:
+            alignment_slots(self.batch_size, ratio)
+        except ValueError as exc:
+            raise DataError(f"{source}: alignment ratio {ratio} with batch_size {self.batch_size}: {exc}") from exc
+        self.alignment_kind, self.alignment_ratio = kind, ratio
+        if kind not in self.mask_kinds:
+            self.mask_kinds = [*self.mask_kinds, kind]
+
+    def _adopt_alignment(self) -> None:
+        """The regularizer's declared alignment set (`Requirements.alignment`) is the one source of its mask kind
+        and ratio: adopted here; `data.alignment_kind/_ratio`, if also set, must agree."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        requirements = getattr(module, "requirements", None)  # GuidedFineTuner: its regularizer's declaration
+        if not isinstance(requirements, Requirements) or requirements.alignment is None:
+            return
+        kind, ratio = requirements.alignment
+        if self.alignment_kind is not None and (self.alignment_kind, self.alignment_ratio) != (kind, ratio):
+            raise DataError(
+                f"data.alignment_kind/alignment_ratio ({self.alignment_kind!r}, {self.alignment_ratio}) differ from "
+                f"the regularizer's alignment set ({kind!r}, {ratio}): leave them out, the data module takes the "
+                "regularizer's"
+            )
+        if self.alignment_kind is None:
+            self._set_alignment(kind, ratio, "model.regularizer alignment_ratio")
+
     def setup(self, stage: str | None = None) -> None:
         """Build the datasets of ``stage`` (``fit``, ``validate``, ``test``, ``predict``; ``None`` = fit)."""
+        if stage in (None, "fit") and self.train_dataset is None:
+            self._adopt_alignment()
         if self._transforms is None:
             self._transforms = build_transforms(self._resolve_data_config(), self.augmentation)
         train_tf, eval_tf = self._transforms

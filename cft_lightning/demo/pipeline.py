@@ -242,16 +242,15 @@ def finetune_and_test(settings: DemoSettings, data: Path, seed: int, method: str
     if not full:  # the fine-tuning images themselves, as a third test split: do their maps move, and the others'?
         kwargs["test_root"] = {**kwargs["test_root"], "fewshot": str(_link_selection(dm, out / "fewshot_images"))}
         dm = GuidanceDataModule(**kwargs)
-    ratio = getattr(regularizer, "alignment_ratio", None)
-    if ratio is not None:  # LVLM-VA: the same few-shot images, the low-entropy half with oracle critic masks
+    if regularizer.requirements.alignment is not None:  # LVLM-VA: the same few-shot images, the low-entropy
+        # half with oracle critic masks; the data module takes the alignment set from the regularizer
         if settings.critic == "pipeline":
             store = critique_store(dm, data, weights, settings, out.parent / f"{method}_critique")
         elif settings.critic == "oracle_mask":
             store = oracle_critic_store(dm, data, weights, settings, out.parent / f"{method}_masks")
         else:
             raise ValueError(f"cft demo: critic must be 'oracle_mask' or 'pipeline', got {settings.critic!r}")
-        kwargs.update(masks=str(store),
-                      alignment_kind=CRITIC_KIND, alignment_ratio=ratio)
+        kwargs.update(masks=str(store))
         dm = GuidanceDataModule(**kwargs)
     epochs = settings.full_split_epochs if full else settings.finetune_epochs
     trainer = _trainer(settings, out, epochs, limit_val_batches=0)

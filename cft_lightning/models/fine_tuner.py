@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import importlib
-import inspect
 import json
 import math
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from cft_lightning._plugins import Requirements, plugin_config
 from cft_lightning.evaluation.metrics import accuracy_metrics
 from cft_lightning.models.backbone import BackboneSpec, build_backbone, freeze, resolve_data_config
 from cft_lightning.models.evaluation_stage import EvaluationStage
@@ -49,16 +49,6 @@ def _from_config(value: Any) -> Any:
     module_name, _, class_name = value["class_path"].rpartition(".")
     cls = getattr(importlib.import_module(module_name), class_name)
     return cls(**value.get("init_args", {}))
-
-
-def _plugin_config(obj: Any) -> dict[str, Any]:
-    cls = type(obj)
-    params = inspect.signature(cls.__init__).parameters
-    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": {
-        k: v for k, v in vars(obj).items()
-        if not k.startswith("_") and k != "required_masks" and (open_ended or k in params)
-    }}
 
 
 def _freeze_by_prefix(model: nn.Module, prefixes: list[str]) -> list[str]:
@@ -137,9 +127,13 @@ class GuidedFineTuner(EvaluationStage, L.LightningModule):
             raise ValueError(f"model.lr must be positive, got {lr}")
         if lr_step_size < 0 or not 0 < lr_gamma <= 1:
             raise ValueError(f"model.lr_step_size must be >= 0 and lr_gamma in (0, 1]; got {lr_step_size}, {lr_gamma}")
-        if getattr(regularizer, "needs_relevance", False) and relevance is None:
+        if not isinstance(regularizer, Regularizer):
+            raise ValueError(f"model.regularizer must be a cft_lightning.regularizers.Regularizer, got "
+                             f"{type(regularizer).__name__}")
+        needs = regularizer.requirements
+        if needs.relevance and relevance is None:
             raise ValueError(f"model.regularizer {type(regularizer).__name__} needs model.relevance to be set")
-        if getattr(regularizer, "consistency_target", None) == "reference" and not track_reference:
+        if needs.reference_logits and not track_reference:
             raise ValueError("model.regularizer consistency_target 'reference' needs model.track_reference: true")
         # Checkpoints keep the hyperparameters; loggers do not get them (logger=False): the run's full config
         # (config.yaml beside the logs, the W&B run config) is the one record, not a second partial copy.
@@ -147,14 +141,14 @@ class GuidedFineTuner(EvaluationStage, L.LightningModule):
             self.save_hyperparameters(logger=False)  # under the CLI: the plain config dict (checkpoint-loadable)
         else:
             self.save_hyperparameters(ignore=["backbone", "regularizer", "relevance"], logger=False)
-            self.hparams.update(backbone=asdict(backbone), regularizer=_plugin_config(regularizer),
-                                relevance=None if relevance is None else _plugin_config(relevance))
+            self.hparams.update(backbone=asdict(backbone), regularizer=plugin_config(regularizer),
+                                relevance=None if relevance is None else plugin_config(relevance))
         self.backbone_spec = backbone
         self.backbone = build_backbone(backbone)
         if relevance is not None:  # fail at start-up, not at the first step (training, test alignment, overlays)
-            guided = getattr(regularizer, "needs_relevance", False)
+            guided = needs.relevance
             _check_relevance(relevance, self.backbone, backbone.name, training=guided)
-            if guided and getattr(relevance, "differentiability", None) == "none":
+            if guided and relevance.differentiability == "none":
                 rank_zero_warn(
                     f"model.relevance {type(relevance).__name__} is not differentiable: the relevance terms of "
                     f"{type(regularizer).__name__} are constants and only its other terms train the model"
@@ -182,6 +176,11 @@ class GuidedFineTuner(EvaluationStage, L.LightningModule):
         self._warned_val_masks = False
         self._warned_input_size = False
         self._overlay_images: Tensor | None = None
+
+    @property
+    def requirements(self) -> Requirements:
+        """What the regularizer needs from the run (its declaration; the data module reads it at setup)."""
+        return self.regularizer.requirements
 
     # ------------------------------------------------------------------ reference model
     @property
@@ -244,18 +243,8 @@ class GuidedFineTuner(EvaluationStage, L.LightningModule):
                 "classes: test an ImageNet classifier (model.backbone.num_classes: null or 1000)"
             )
         if stage == "fit":
-            ratio = getattr(self.regularizer, "alignment_ratio", None)
-            if ratio is not None:
-                kind = getattr(self.regularizer, "mask_kind", None)
-                if getattr(datamodule, "alignment_kind", None) != kind or getattr(
-                    datamodule, "alignment_ratio", None
-                ) != ratio:
-                    raise ValueError(
-                        f"model.regularizer {type(self.regularizer).__name__} trains on batches mixed with the "
-                        f"alignment set: set data.alignment_kind: {kind} and data.alignment_ratio: {ratio}"
-                    )
             available = set(getattr(datamodule, "mask_kinds", None) or [])
-            missing = [k for k in getattr(self.regularizer, "required_masks", ()) if k not in available]
+            missing = [k for k in self.requirements.masks if k not in available]
             if missing:
                 raise ValueError(
                     f"model.regularizer {type(self.regularizer).__name__} needs mask kinds {missing}, but "
@@ -296,7 +285,7 @@ class GuidedFineTuner(EvaluationStage, L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         labels = batch["label"]
-        needed = self.reference_train_metrics or getattr(self.regularizer, "consistency_target", None) == "reference"
+        needed = self.reference_train_metrics or self.requirements.reference_logits
         ref_logits = self.reference_logits(batch["image"]) if needed else None
         self.regularizer.step_begin(self.global_step, self.current_epoch)
         out = self.regularizer(batch, self.backbone, self.relevance, ref_logits)
@@ -324,7 +313,7 @@ class GuidedFineTuner(EvaluationStage, L.LightningModule):
 
     def _guided_eval_possible(self, batch: dict[str, Any]) -> bool:
         reg = self.regularizer
-        if not (getattr(reg, "needs_relevance", False) or getattr(reg, "needs_autograd", False)):
+        if not (reg.requirements.relevance or reg.requirements.autograd):
             return True
         if torch.is_inference_mode_enabled():
             if not self._warned_inference:
@@ -335,7 +324,7 @@ class GuidedFineTuner(EvaluationStage, L.LightningModule):
                 self._warned_inference = True
             return False
         masks = batch.get("masks") or {}
-        missing = [k for k in getattr(self.regularizer, "required_masks", ()) if k not in masks]
+        missing = [k for k in self.requirements.masks if k not in masks]
         if missing and not self._warned_val_masks:
             rank_zero_warn(f"validation batches carry no {missing} masks, so the guided loss (val/loss) is not "
                            "logged, only accuracy; a checkpoint callback should monitor val/acc1")

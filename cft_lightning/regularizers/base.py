@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cft_lightning._plugins import RecordsInitArgs, Requirements
 from cft_lightning.relevance.base import Relevance, RelevanceMethod
 
 ConsistencyTarget = Literal["self", "reference", "label"]
@@ -24,6 +25,7 @@ __all__ = [
     "ConsistencyTarget",
     "Regularizer",
     "RegularizerOutput",
+    "Requirements",
     "check_choice",
     "check_positive",
     "consistency_loss",
@@ -62,20 +64,42 @@ class RegularizerOutput:
     relevance: Relevance | None = None
 
 
-class Regularizer(ABC):
-    """One fine-tuning objective. Subclass, declare `required_masks`, implement `__call__`.
+class Regularizer(RecordsInitArgs, ABC):
+    """One fine-tuning objective. Subclass, declare what it needs, implement `__call__`.
+
+    What it needs from the run is `requirements` (a `Requirements`), built from these declarations:
 
     Class attributes:
-        required_masks: mask kinds the batch must carry (`batch["masks"][kind]`); the data module is
-            checked against them before training starts.
+        required_masks: mask kinds the batch must carry (`batch["masks"][kind]`) when the instance sets no
+            `mask_kind`; the data module is checked against them before training starts.
         needs_relevance: whether the method calls the relevance method (else its `relevance` is ignored).
         needs_autograd: whether the objective differentiates through the model itself (input gradients):
             such a loss cannot be evaluated under inference mode either.
+
+    Instance attributes (set them in `__init__` when the method has them):
+        mask_kind: the one mask kind the method reads (it replaces `required_masks`).
+        consistency_target: `reference` makes the fine-tuner compute the frozen reference's logits.
+        alignment_ratio: share of every training batch drawn from the images with a `mask_kind` mask.
     """
 
     required_masks: ClassVar[tuple[str, ...]] = ()
     needs_relevance: ClassVar[bool] = False
     needs_autograd: ClassVar[bool] = False
+    mask_kind: str | None = None
+    consistency_target: ConsistencyTarget | None = None
+    alignment_ratio: float | None = None
+
+    @property
+    def requirements(self) -> Requirements:
+        """What this objective needs from the run (the one declaration the fine-tuner and data module read)."""
+        masks = (self.mask_kind,) if self.mask_kind else tuple(type(self).required_masks)
+        alignment = None
+        if self.alignment_ratio is not None:
+            if not masks:
+                raise ValueError(f"{type(self).__name__}: alignment_ratio needs a mask_kind (the alignment set)")
+            alignment = (masks[0], float(self.alignment_ratio))
+        return Requirements(masks=masks, relevance=type(self).needs_relevance, autograd=type(self).needs_autograd,
+                            reference_logits=self.consistency_target == "reference", alignment=alignment)
 
     def step_begin(self, global_step: int, epoch: int) -> None:
         """Called before every training step (for schedules such as GradMask's growing penalty)."""

@@ -70,7 +70,7 @@ class CFT(Regularizer):
     """
 
     needs_relevance = True
-    required_masks = ("concept",)  # instances: (mask_kind,)
+    required_masks = ("concept",)  # the default; an instance reads its `mask_kind`
 
     def __init__(
         self,
@@ -118,7 +118,6 @@ class CFT(Regularizer):
         self.temperature = temperature
         self.mask_kind = mask_kind
         self.eps = eps
-        self.required_masks = (mask_kind,)
 
     def __call__(
         self,

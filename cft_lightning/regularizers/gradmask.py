@@ -80,7 +80,6 @@ class GradMask(Regularizer):
         self.mask_kind = mask_kind
         self.mask_role: MaskRole = mask_role
         self.temperature = temperature
-        self.required_masks = (mask_kind,)
         self._step = 0
 
     def step_begin(self, global_step: int, epoch: int) -> None:

@@ -8,7 +8,8 @@ penalised region:
     L = sum_n CE(f(x_n), y_n) + lambda * sum_{n,i} (A_ni * d/dx_ni sum_k log p_nk)^2 (+ gamma ||theta||^2)
 
 and the alignment samples are mixed into every batch at a fixed ratio, oversampled when few. The mixing
-is the data module's job (`data.alignment_kind: critic`, `data.alignment_ratio`); images outside the
+is the data module's job: it reads this regularizer's declared alignment set (`requirements.alignment`:
+`mask_kind` and `alignment_ratio`) at setup; images outside the
 alignment set carry an all-zero critic mask and contribute cross-entropy only. lambda: 1 on the paper's
 real data (ISIC, knee X-ray), 1e5 on DecoyMNIST. Both terms are summed over the batch there, so the default
 `reduction: sum` (penalty per image, averaged like the cross-entropy) is that loss divided by the batch size:
@@ -46,8 +47,8 @@ class LVLMCritic(RRR):
                 `batch_sum` (penalty summed over the batch, cross-entropy averaged) or `mean` over the
                 penalised pixels.
             mask_kind: the corrective masks (`critic`).
-            alignment_ratio: share of every batch drawn from the alignment set; the data module must be
-                configured with the same `alignment_ratio` and `alignment_kind` (checked at start-up).
+            alignment_ratio: share of every batch drawn from the alignment set (the images with a `mask_kind`
+                mask); the data module builds its batches from it (the one place it is set).
             temperature: T in CE(logits / T, y).
         """
         if not 0.0 < alignment_ratio < 1.0:

@@ -77,7 +77,6 @@ class RobustViT(Regularizer):
         self.temperature = temperature
         self.consistency_target: ConsistencyTarget = consistency_target
         self.mask_kind = mask_kind
-        self.required_masks = (mask_kind,)
 
     def __call__(
         self,

@@ -99,7 +99,6 @@ class RRDA(Regularizer):
         self.context_fill: ContextFill = context_fill
         self.mask_kind = mask_kind
         self.temperature = temperature
-        self.required_masks = (mask_kind,)
 
     def __call__(
         self,

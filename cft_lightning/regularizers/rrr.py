@@ -110,7 +110,6 @@ class RRR(Regularizer):
         self.mask_role: MaskRole = mask_role
         self.consistency_target: ConsistencyTarget = consistency_target
         self.temperature = temperature
-        self.required_masks = (mask_kind,)
 
     def __call__(
         self,

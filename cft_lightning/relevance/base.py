@@ -14,6 +14,8 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
+from cft_lightning._plugins import RecordsInitArgs
+
 Differentiability = Literal["exact", "attention_only", "none"]
 Normalization = Literal["minmax", "positive_max"]
 
@@ -69,7 +71,7 @@ def resolve_targets(logits: Tensor, targets: Tensor | None) -> Tensor:
     return targets
 
 
-class RelevanceMethod(ABC):
+class RelevanceMethod(RecordsInitArgs, ABC):
     """Explains `model(images)` for `targets` on the model's grid. Subclass and implement `explain`.
 
     Class attributes describe the method (captum-style flags):
