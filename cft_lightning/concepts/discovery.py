@@ -28,10 +28,10 @@ import re
 from pathlib import Path
 from typing import Any
 
+from cft_lightning._io import atomic_write
 from cft_lightning.concepts.filters import Embedder, filter_concepts, sentence_transformer_embedder
 from cft_lightning.concepts.llm import CachedChat, ChatError, ChatRefusal, ChatUnavailable
 from cft_lightning.data.errors import CommandFailed, DataError
-from cft_lightning.data.mask_store import atomic_write
 
 __all__ = ["PROMPTS", "discover", "load_classes", "load_concept_bank", "main", "parse_list"]
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cft_lightning.data.mask_store import atomic_write
+from cft_lightning._io import atomic_write
 
 __all__ = ["CachedChat", "ChatAnswer", "ChatError", "ChatRefusal", "ChatUnavailable"]
 

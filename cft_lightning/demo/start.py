@@ -33,11 +33,11 @@ from typing import TYPE_CHECKING, Any
 import lightning as L
 import torch
 
+from cft_lightning._io import file_sha256
 from cft_lightning.benchmarks import ShortcutPartsSpec, build_shortcut_parts
 from cft_lightning.benchmarks.shortcut_parts import default_cache_dir
 from cft_lightning.data.datamodule import GuidanceDataModule
 from cft_lightning.data.image_folder import GuidanceDataset, build_samples, scan_image_folder
-from cft_lightning.data.mask_store import file_sha256
 from cft_lightning.data.transforms import build_transforms
 from cft_lightning.models import GuidedFineTuner
 from cft_lightning.models.backbone import resolve_data_config
