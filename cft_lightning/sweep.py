@@ -48,7 +48,7 @@ from typing import Any
 import yaml
 
 from cft_lightning._io import atomic_write
-from cft_lightning.data.errors import DataError
+from cft_lightning.errors import DataError
 from cft_lightning.sweep_figure import _finite, ablation_plot
 from cft_lightning.tracking import ensure_wandb_mode, find_run_summary
 

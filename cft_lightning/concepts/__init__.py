@@ -2,7 +2,8 @@
 
 from cft_lightning.concepts.discovery import PROMPTS, discover, load_classes, load_concept_bank, parse_list
 from cft_lightning.concepts.filters import filter_concepts
-from cft_lightning.concepts.llm import CachedChat, ChatError
+from cft_lightning.concepts.llm import CachedChat
+from cft_lightning.errors import ChatError
 
 __all__ = [
     "PROMPTS",

@@ -30,8 +30,8 @@ from typing import Any
 
 from cft_lightning._io import atomic_write
 from cft_lightning.concepts.filters import Embedder, filter_concepts, sentence_transformer_embedder
-from cft_lightning.concepts.llm import CachedChat, ChatError, ChatRefusal, ChatUnavailable
-from cft_lightning.data.errors import CommandFailed, DataError
+from cft_lightning.concepts.llm import CachedChat, ChatRefusal
+from cft_lightning.errors import ChatError, ChatUnavailable, CommandFailed, DataError
 
 __all__ = ["PROMPTS", "discover", "load_classes", "load_concept_bank", "main", "parse_list"]
 

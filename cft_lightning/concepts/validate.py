@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from cft_lightning._io import atomic_write
     from cft_lightning.concepts.discovery import FORMAT, load_concept_bank
-    from cft_lightning.data.errors import DataError
+    from cft_lightning.errors import DataError
 
     args = _parser().parse_args(argv)
     if args.grounder == "oracle" and not args.masks:

@@ -14,7 +14,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cft_lightning.data.errors import CommandFailed, DataError
+from cft_lightning.errors import CommandFailed, DataError
 
 if TYPE_CHECKING:
     import torch

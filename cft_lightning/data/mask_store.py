@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from cft_lightning._io import atomic_write, file_sha256
-from cft_lightning.data.errors import DataError
+from cft_lightning.errors import DataError
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1

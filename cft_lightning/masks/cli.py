@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from cft_lightning.data.errors import CommandFailed
+from cft_lightning.errors import CommandFailed
 from cft_lightning.masks.grounding_options import add_grounding_options
 from cft_lightning.masks.importers import import_binary_masks, import_imagenet_s
 

@@ -16,9 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-class UnsupportedModelError(TypeError):
-    """The model's structure is outside what a relevance method supports."""
+from cft_lightning.errors import UnsupportedModelError
 
 
 @contextmanager

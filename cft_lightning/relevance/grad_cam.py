@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from cft_lightning.errors import UnsupportedModelError
 from cft_lightning.relevance._layers import cnn_feature_layers, layer_activation_and_gradient, resolve_module
-from cft_lightning.relevance._vit import UnsupportedModelError
 from cft_lightning.relevance.base import Normalization, RelevanceMethod
 from cft_lightning.relevance.gradient_rollout import _grid
 

@@ -1,0 +1,140 @@
+"""Where the shared pieces live (issue 18, item 3): one I/O module, one module of user errors with one base
+class that `cft` catches in one place, attention helpers in the relevance infrastructure, no library module
+importing a CLI module, no import cycle, and one meaning per folder name (`perf/` for the timing scripts).
+
+The structural checks read the sources (imports at any level, function-level ones included), so they cost no
+import of torch."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "cft_lightning"
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _imports(path: Path) -> list[tuple[str, str]]:
+    """(module, name) of every `from module import name` in a file, at any level (`import m` gives (m, ''))."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    here = _module_name(path) if path.is_relative_to(PACKAGE) else ""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative import
+                anchor = here.split(".") if path.name == "__init__.py" else here.split(".")[:-1]
+                base = ".".join(anchor[: len(anchor) - node.level + 1] + ([base] if base else []))
+            found += [(base, alias.name) for alias in node.names]
+        elif isinstance(node, ast.Import):
+            found += [(alias.name, "") for alias in node.names]
+    return found
+
+
+def _package_graph() -> dict[str, set[str]]:
+    """Module -> the package modules it imports (a `from pkg import sub` counts as importing `pkg.sub`)."""
+    graph: dict[str, set[str]] = {}
+    for name, path in MODULES.items():
+        targets = set()
+        for module, imported in _imports(path):
+            target = f"{module}.{imported}" if f"{module}.{imported}" in MODULES else module
+            if target in MODULES and target != name:
+                targets.add(target)
+        graph[name] = targets
+    return graph
+
+
+def _python_files() -> list[Path]:
+    return [*PACKAGE.rglob("*.py"), *(REPO / "tests").glob("*.py"), *(REPO / "perf").glob("*.py")]
+
+
+# ------------------------------------------------------------------ file helpers: cft_lightning/_io.py
+def test_file_helpers_are_imported_from_the_io_module_only():
+    from cft_lightning import _io
+    from cft_lightning.data import mask_store
+
+    assert mask_store.atomic_write is _io.atomic_write and mask_store.file_sha256 is _io.file_sha256
+    wrong = [f"{path.relative_to(REPO)}: from {module}" for path in _python_files()
+             for module, name in _imports(path)
+             if name in ("atomic_write", "file_sha256") and module != "cft_lightning._io"]
+    assert not wrong, wrong
+
+
+# ------------------------------------------------------------------ user errors: cft_lightning/errors.py
+def test_user_errors_share_one_base_keep_their_builtin_bases_and_their_old_import_paths():
+    from cft_lightning import errors
+    from cft_lightning.concepts import llm
+    from cft_lightning.data import errors as data_errors
+    from cft_lightning.models import backbone, fine_tuner
+    from cft_lightning.relevance import _vit
+
+    builtin = {errors.DataError: ValueError, errors.CommandFailed: RuntimeError, errors.BackboneError: ValueError,
+               errors.UnsupportedModelError: TypeError, errors.NonFiniteLossError: FloatingPointError,
+               errors.ChatUnavailable: errors.ChatError}
+    for cls, base in builtin.items():
+        assert issubclass(cls, errors.CFTUserError) and issubclass(cls, base), cls
+    assert issubclass(errors.ChatError, RuntimeError) and issubclass(llm.ChatRefusal, errors.ChatError)
+    old_homes = {data_errors: ("DataError", "CommandFailed"), backbone: ("BackboneError",),
+                 _vit: ("UnsupportedModelError",), fine_tuner: ("NonFiniteLossError",),
+                 llm: ("ChatError", "ChatUnavailable")}
+    for module, names in old_homes.items():
+        for name in names:
+            assert getattr(module, name) is getattr(errors, name), (module.__name__, name)
+    # the package itself raises and catches them under their new home
+    old = {"cft_lightning.data.errors", "cft_lightning.relevance._vit", "cft_lightning.models.backbone",
+           "cft_lightning.models.fine_tuner", "cft_lightning.concepts.llm"}
+    names = set(errors.__all__)
+    wrong = [f"{_module_name(p)}: {name} from {module}" for p in PACKAGE.rglob("*.py")
+             for module, name in _imports(p) if name in names and module in old]
+    assert not wrong, wrong
+
+
+def test_the_errors_module_imports_nothing_heavy():
+    code = ("import sys, cft_lightning.errors\n"
+            "print(sorted(m for m in ('torch', 'lightning', 'timm', 'numpy', 'PIL') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("command", ["sweep", "fit"])
+def test_cft_prints_any_user_error_in_one_line_and_a_bug_as_a_traceback(
+        command: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
+    """Every subclass of `CFTUserError` is one `cft: error:` line (exit 2) in a tool and in a Trainer command,
+    without `cli.py` naming it; a `RuntimeError` (a bug) still gives its traceback."""
+    from cft_lightning import cli
+    from cft_lightning.errors import CFTUserError
+
+    class MaskBudgetExceeded(CFTUserError):
+        """A user error that no command names."""
+
+    raised: list[BaseException] = []
+
+    def fail(argv: list[str]) -> None:
+        raise raised[0]
+
+    fake = types.SimpleNamespace(main=fail, run=fail)
+    monkeypatch.setitem(sys.modules, "fake_tool_for_layout_test", fake)
+    monkeypatch.setitem(cli.TOOLS, "sweep", "fake_tool_for_layout_test")
+    monkeypatch.setitem(sys.modules, "cft_lightning._lightning_cli", fake)
+    monkeypatch.delenv("CFT_DEBUG", raising=False)
+    raised.append(MaskBudgetExceeded("the mask budget of data/masks is spent"))
+    with pytest.raises(SystemExit) as exc:
+        cli.main([command, "--anything"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err == "cft: error: the mask budget of data/masks is spent\n"
+    raised[0] = RuntimeError("a bug")
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main([command, "--anything"])
