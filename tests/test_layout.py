@@ -158,3 +158,20 @@ def test_relevance_methods_share_helpers_only_through_the_infrastructure_modules
 
     assert relevance.explicit_attention is _attention.explicit_attention
 
+
+
+# ------------------------------------------------------------------ CLI modules and library code
+def _is_cli_module(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] in ("cli", "_lightning_cli", "cli_ckpt", "__main__")
+
+
+def test_library_code_imports_no_cli_module():
+    """A CLI module (`cli.py`, `_lightning_cli.py`, `cli_ckpt.py`, `__main__.py`, `<stage>/cli.py`) parses flags
+    and calls the library; the library never imports one (the demo needs `build_attributor`: it lives in
+    `critique/attribution.py`)."""
+    graph = _package_graph()
+    wrong = {m: sorted(filter(_is_cli_module, targets)) for m, targets in graph.items() if not _is_cli_module(m)}
+    assert not {m: t for m, t in wrong.items() if t}, wrong
+    from cft_lightning.critique import attribution, cli
+
+    assert cli.build_attributor is attribution.build_attributor  # the old import path still works

@@ -181,7 +181,7 @@ def critique_store(dm: GuidanceDataModule, data: Path, weights: Path, settings: 
     reading the benchmark's `decoy` masks (a segment is spurious when half of its positive effect lies on
     the decoy); the benchmark's other masks are linked in."""
     from cft_lightning.critique import CritiqueSettings, OracleCritic, run_critique
-    from cft_lightning.critique.cli import build_attributor
+    from cft_lightning.critique.attribution import build_attributor
 
     if not settings.benchmark.decoy:
         raise ValueError("cft demo: --critic pipeline needs a decoy benchmark (--decoy or --decoy_only): the oracle "
@@ -204,7 +204,7 @@ def critique_store(dm: GuidanceDataModule, data: Path, weights: Path, settings: 
 
 def decoy_alignment(model: torch.nn.Module, data: Path, split: str = "test_ood") -> float:
     """LVLM-VA's mu_align of `model` on a split of a decoy benchmark (input x gradient, explaining the label)."""
-    from cft_lightning.critique.cli import build_attributor
+    from cft_lightning.critique.attribution import build_attributor
     from cft_lightning.critique.metrics import mu_align
     from cft_lightning.critique.stage import ImageItems
 
