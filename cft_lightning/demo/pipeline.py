@@ -297,7 +297,7 @@ def mask_store(settings: DemoSettings, data: Path) -> Path:
         return data / "masks"
     if settings.mask_source != "pipeline":
         raise ValueError(f"cft demo: mask_source must be 'benchmark' or 'pipeline', got {settings.mask_source!r}")
-    from cft_lightning.concepts.discovery import load_concept_bank
+    from cft_lightning.concepts.bank import load_concept_bank
     from cft_lightning.concepts.validate import OracleGrounder, images_by_class, validate_bank
     from cft_lightning.masks.generate import generate_masks
 

@@ -52,7 +52,7 @@ def _generate(args: argparse.Namespace) -> None:
 
     import lightning as L
 
-    from cft_lightning.concepts.discovery import load_concept_bank
+    from cft_lightning.concepts.bank import load_concept_bank
     from cft_lightning.concepts.validate import OracleGrounder, images_by_class
     from cft_lightning.data.mask_store import MaskStore
     from cft_lightning.masks.predict import MaskGeneration, generation_loader
