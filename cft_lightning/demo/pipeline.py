@@ -38,7 +38,7 @@ from cft_lightning.demo.settings import (
     TABLE7_METHODS,
     DemoSettings,
 )
-from cft_lightning.demo.start import build_start, stage_note, torch_threads
+from cft_lightning.demo.start import build_start, demo_trainer, stage_note, torch_threads
 from cft_lightning.models import GuidedFineTuner
 from cft_lightning.models.backbone import build_backbone, resolve_data_config
 from cft_lightning.regularizers import (
@@ -111,13 +111,6 @@ METHODS: dict[str, Any] = {
                                  reduction="batch_sum"), None),
 }
 assert set(METHODS) == set(METHOD_NAMES), "demo/settings.py METHOD_NAMES must list exactly the METHODS"
-def _trainer(settings: DemoSettings, root: Path, epochs: int, **kwargs: Any) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu", devices=1, max_epochs=epochs, inference_mode=False, default_root_dir=str(root),
-        logger=L.pytorch.loggers.CSVLogger(str(root), name="", version=""), enable_checkpointing=False,
-        enable_model_summary=False, enable_progress_bar=settings.progress, num_sanity_val_steps=0,
-        log_every_n_steps=5, **kwargs,
-    )
 
 
 def fewshot_root(settings: DemoSettings, data: Path, out: Path) -> Path:
@@ -254,7 +247,7 @@ def finetune_and_test(settings: DemoSettings, data: Path, seed: int, method: str
                       alignment_kind=CRITIC_KIND, alignment_ratio=ratio)
         dm = GuidanceDataModule(**kwargs)
     epochs = settings.full_split_epochs if full else settings.finetune_epochs
-    trainer = _trainer(settings, out, epochs, limit_val_batches=0)
+    trainer = demo_trainer(settings, out, epochs, limit_val_batches=0)
     images = sum(len(v) for v in dm.selection.train.values())
     stage_note(f"seed {seed}: fine-tuning {method} ({images} images, {epochs} epochs)",
                settings.progress)
