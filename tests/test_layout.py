@@ -159,7 +159,6 @@ def test_relevance_methods_share_helpers_only_through_the_infrastructure_modules
     assert relevance.explicit_attention is _attention.explicit_attention
 
 
-
 # ------------------------------------------------------------------ CLI modules and library code
 def _is_cli_module(name: str) -> bool:
     return name.rsplit(".", 1)[-1] in ("cli", "_lightning_cli", "cli_ckpt", "__main__")
@@ -175,3 +174,47 @@ def test_library_code_imports_no_cli_module():
     from cft_lightning.critique import attribution, cli
 
     assert cli.build_attributor is attribution.build_attributor  # the old import path still works
+
+
+# ------------------------------------------------------------------ private names and cycles
+def test_no_module_imports_a_private_name_of_another():
+    """A name starting with `_` is private to its module; another module that needs it gets a public helper."""
+    wrong = [f"{name}: {imported} from {module}" for name, path in MODULES.items()
+             for module, imported in _imports(path)
+             if imported.startswith("_") and not imported.startswith("__") and module in MODULES and module != name]
+    assert not wrong, wrong
+
+
+def test_package_imports_have_no_cycle():
+    """No two modules import each other, directly or around a loop, counting imports inside functions too: a
+    lazy import still ties the two files together, and it turns into a circular-import error the day it moves
+    to the top of its file."""
+    graph = _package_graph()
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(node: str) -> None:  # Tarjan's strongly connected components
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for nxt in graph[node]:
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for node in graph:
+        if node not in index:
+            visit(node)
+    assert not cycles, cycles
