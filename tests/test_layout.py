@@ -8,6 +8,7 @@ import of torch."""
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 import types
@@ -218,3 +219,20 @@ def test_package_imports_have_no_cycle():
         if node not in index:
             visit(node)
     assert not cycles, cycles
+
+
+# ------------------------------------------------------------------ one meaning per folder name
+def test_timing_scripts_live_in_perf_and_nothing_points_at_the_old_folder():
+    """`perf/` holds the timing scripts; `benchmarks` means the robustness datasets (`cft_lightning/benchmarks/`,
+    `cft test --benchmarks`, docs/benchmarks.md) only."""
+    assert (REPO / "perf" / "step_cost.py").is_file() and not (REPO / "benchmarks").exists()
+    old = re.compile(r"(?<![\w/.])benchmarks/|cd benchmarks\b")
+    named = re.compile(r"\bperf/(\w+\.py)")
+    files = [REPO / "README.md", REPO / "Makefile", *sorted((REPO / "docs").glob("*.md")),
+             *sorted((REPO / "perf").glob("*.py"))]
+    for path in files:
+        text = path.read_text(encoding="utf-8")
+        assert not old.search(text), f"{path.relative_to(REPO)}: {old.search(text).group(0)!r}"
+        missing = [name for name in named.findall(text) if not (REPO / "perf" / name).is_file()]
+        assert not missing, f"{path.relative_to(REPO)} names perf/{missing}"
+    assert "ruff check cft_lightning tests perf" in (REPO / "Makefile").read_text(encoding="utf-8")
