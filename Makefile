@@ -39,7 +39,7 @@ test: $(VENV)/.installed
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q -x tests
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check cft_lightning tests benchmarks
+	$(BIN)/ruff check cft_lightning tests perf
 
 clean:
 	rm -rf runs .pytest_cache

@@ -24,7 +24,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 
 from cft_lightning.callbacks import PredictionWriter
 from cft_lightning.data.datamodule import GuidanceDataModule
-from cft_lightning.data.errors import DataError
+from cft_lightning.errors import DataError
 from cft_lightning.models.fine_tuner import GuidedFineTuner
 from cft_lightning.tracking import ensure_wandb_mode, log_config, run_dir, write_run_summary
 

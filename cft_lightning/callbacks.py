@@ -27,7 +27,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
-from cft_lightning.data.errors import DataError
+from cft_lightning.errors import DataError
 from cft_lightning.tracking import run_dir
 
 __all__ = ["PredictionWriter", "RelevanceOverlays"]

@@ -7,9 +7,9 @@
 
 This module imports nothing heavy: `cft --help` and the tools' `--help` come back without importing Lightning,
 and each command imports what it needs when it runs. Errors a user can fix (bad config or data, an endpoint
-that cannot be reached, a run that produced nothing) end in one `cft: error: ...` line and a non-zero exit:
-1 for a run that produced less than asked (`CommandFailed`), 2 for anything else; `CFT_DEBUG=1` shows the
-traceback instead.
+that cannot be reached, a run that produced nothing: a `CFTUserError` of `cft_lightning/errors.py`) end in one
+`cft: error: ...` line and a non-zero exit: 1 for a run that produced less than asked (`CommandFailed`), 2 for
+anything else; `CFT_DEBUG=1` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ import warnings
 from contextlib import redirect_stdout
 from pathlib import Path
 from typing import Any
+
+from cft_lightning.errors import CFTUserError, CommandFailed
 
 __all__ = ["COMMANDS", "TOOLS", "main"]
 
@@ -51,29 +53,16 @@ COMMANDS = {
     "sweep": "run a W&B sweep file's grid locally, one `cft fit` per run, and plot the ablation",
 }
 
-# (module, class name): the errors a user can fix, printed as one line. They are looked up only in modules
-# already imported, so catching them imports nothing.
-_COMMON_ERRORS = (
-    ("cft_lightning.data.errors", "DataError"),
-    ("cft_lightning.data.errors", "CommandFailed"),  # ran, produced less than asked: exit 1
-    ("cft_lightning.models.backbone", "BackboneError"),
-    ("cft_lightning.relevance._vit", "UnsupportedModelError"),
-    ("builtins", "ValueError"),
-    ("builtins", "FileNotFoundError"),
-)
-_TRAINER_ERRORS = _COMMON_ERRORS + (
-    ("cft_lightning.models.fine_tuner", "NonFiniteLossError"),  # training stopped on a NaN/inf (names the batch)
-    ("pickle", "UnpicklingError"),  # a checkpoint torch refuses to load weights-only (it would run pickled code)
-    ("builtins", "KeyError"),  # jsonargparse: an unknown key
-)
-_TOOL_ERRORS = _COMMON_ERRORS + (
-    ("cft_lightning.concepts.llm", "ChatUnavailable"),  # endpoint unreachable, key missing or refused
-    ("builtins", "ImportError"),  # a tool's optional extra is missing: the message says which
-)
+def _user_errors(command: str) -> tuple[type[BaseException], ...]:
+    """The errors `cft <command>` prints as one line instead of a traceback: every `CFTUserError` (what the
+    package raises for bad input, cft_lightning/errors.py), plus the built-in ones libraries raise for it."""
+    import pickle
 
-
-def _error_types(pairs: tuple[tuple[str, str], ...]) -> tuple[type, ...]:
-    return tuple(getattr(sys.modules[m], name) for m, name in pairs if m in sys.modules)
+    if command in TOOLS:
+        extra: tuple[type[BaseException], ...] = (ImportError,)  # a missing optional extra: the message says which
+    else:  # jsonargparse: an unknown key; torch: a checkpoint that would run pickled code (weights_only refuses it)
+        extra = (KeyError, pickle.UnpicklingError)
+    return (CFTUserError, ValueError, FileNotFoundError, *extra)
 
 
 def usage() -> str:
@@ -140,9 +129,7 @@ def _fail(err: BaseException) -> None:
         raise err
     message = err.args[0] if isinstance(err, KeyError) and err.args else err
     print(f"cft: error: {message}", file=sys.stderr)
-    failed = sys.modules.get("cft_lightning.data.errors")
-    code = 1 if failed is not None and isinstance(err, failed.CommandFailed) else 2
-    raise SystemExit(code) from None
+    raise SystemExit(1 if isinstance(err, CommandFailed) else 2) from None
 
 
 def main(args: list[str] | None = None) -> None:
@@ -177,7 +164,7 @@ def main(args: list[str] | None = None) -> None:
 
             run(argv)
     except Exception as err:
-        if isinstance(err, _error_types(_TOOL_ERRORS if command in TOOLS else _TRAINER_ERRORS)):
+        if isinstance(err, _user_errors(command)):
             _fail(err)
         raise
 

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from cft_lightning.data.errors import DataError
+from cft_lightning.errors import DataError
 
 __all__ = ["ARCHITECTURE_KEYS", "command_line_model_keys", "honour_model_overrides"]
 

@@ -22,7 +22,7 @@ import pickle
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cft_lightning.data.errors import DataError
+from cft_lightning.errors import DataError
 
 if TYPE_CHECKING:  # torch, timm and the relevance methods load when a command runs, not for `--help`
     from torch import nn
@@ -244,8 +244,8 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from cft_lightning.data.mask_store import MaskStore
+    from cft_lightning.errors import UnsupportedModelError
     from cft_lightning.models.backbone import resolve_data_config
-    from cft_lightning.relevance import UnsupportedModelError
     from cft_lightning.relevance.grad_cam import default_cam_layer
     from cft_lightning.relevance.layer_grad_x_activation import default_feature_layer
 

@@ -25,8 +25,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cft_lightning.data.errors import DataError
-from cft_lightning.data.mask_store import MaskStore, atomic_write
+from cft_lightning._io import atomic_write
+from cft_lightning.data.mask_store import MaskStore
+from cft_lightning.errors import DataError
 
 SHAPES = ("circle", "square", "triangle", "cross", "diamond", "ring", "ellipse", "bar")
 PALETTE = (

@@ -47,9 +47,9 @@ from typing import Any
 
 import yaml
 
-from cft_lightning.data.errors import DataError
-from cft_lightning.data.mask_store import atomic_write
-from cft_lightning.sweep_figure import _finite, ablation_plot
+from cft_lightning._io import atomic_write
+from cft_lightning.errors import DataError
+from cft_lightning.sweep_figure import ablation_plot, is_finite_number, short_value
 from cft_lightning.tracking import ensure_wandb_mode, find_run_summary
 
 __all__ = ["SweepRun", "expand_grid", "load_sweep", "main", "render_command", "run_sweep"]
@@ -115,19 +115,9 @@ def render_command(command: list[str], program: str, params: dict[str, Any]) -> 
     return out
 
 
-def _short(value: Any) -> str:
-    """A readable value for a run name: class paths and file paths by their last part."""
-    text = _value(value)
-    if isinstance(value, str) and re.fullmatch(r"[A-Za-z_][\w.]*\.[A-Za-z_]\w*", text):
-        return text.rsplit(".", 1)[-1]  # a class path
-    if isinstance(value, str) and ("/" in text or text.endswith((".yaml", ".yml", ".json"))):
-        return Path(text).stem
-    return text
-
-
 def run_name(index: int, params: dict[str, Any], varying: list[str]) -> str:
     """`007-lr=1e-06-relevance=GradCAM`: the index and the varying values, file-name safe."""
-    parts = [f"{key.split('.')[-1]}={_short(params[key])}" for key in varying]
+    parts = [f"{key.split('.')[-1]}={short_value(params[key])}" for key in varying]
     slug = re.sub(r"[^A-Za-z0-9=._+-]+", "_", "-".join(parts))[:80]
     return f"{index:03d}-{slug}" if slug else f"{index:03d}"
 
@@ -280,7 +270,7 @@ def plot_metric(record: dict[str, Any]) -> str | None:
     """The metric `ablation.png` draws: the sweep's own, else test/acc1, val/acc1 or the first test/ column that
     some run reported."""
     rows = record["table"]
-    reported = [c for c in _columns(rows) if any(_finite(row.get(c)) for row in rows)]
+    reported = [c for c in _columns(rows) if any(is_finite_number(row.get(c)) for row in rows)]
     named = (record.get("metric") or {}).get("name")
     fallback = [c for c in reported if c.startswith("test/") and "/ref_" not in c]  # not the Original's columns
     for choice in (named, "test/acc1", "val/acc1", *fallback):

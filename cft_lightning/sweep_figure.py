@@ -11,25 +11,40 @@ what fine-tuning is compared against. A seed sweep gets a dashed line at the mea
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import statistics
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-__all__ = ["ablation_plot", "reference_key"]
+__all__ = ["ablation_plot", "is_finite_number", "reference_key", "short_value"]
 
 LOG_SPAN = 20.0  # numeric values spanning more than this factor get a log x axis
 
 
-def _finite(value: Any) -> bool:
+def is_finite_number(value: Any) -> bool:
+    """Whether a results cell holds a finite number (not a bool, None, NaN, inf or text)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def short_value(value: Any) -> str:
+    """A swept value as a run name or a legend shows it: class paths and file paths by their last part, lists
+    and mappings as JSON."""
+    text = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+    if isinstance(value, str) and re.fullmatch(r"[A-Za-z_][\w.]*\.[A-Za-z_]\w*", text):
+        return text.rsplit(".", 1)[-1]  # a class path
+    if isinstance(value, str) and ("/" in text or text.endswith((".yaml", ".yml", ".json"))):
+        return Path(text).stem
+    return text
+
+
 def _numeric(values: list[Any]) -> bool:
-    return bool(values) and all(_finite(v) for v in values)
+    return bool(values) and all(is_finite_number(v) for v in values)
 
 
 def _is_seed(param: str) -> bool:
@@ -44,11 +59,9 @@ def reference_key(metric: str) -> str:
 
 def _series(rows: list[dict[str, Any]], others: list[str]) -> dict[str, list[dict[str, Any]]]:
     """Rows grouped by the values of the non-x varying parameters ("" when there are none), in grid order."""
-    from cft_lightning.sweep import _short
-
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
-        label = ", ".join(f"{k.split('.')[-1]}={_short(row.get(k))}" for k in others)
+        label = ", ".join(f"{k.split('.')[-1]}={short_value(row.get(k))}" for k in others)
         groups.setdefault(label, []).append(row)
     return groups
 
@@ -58,7 +71,7 @@ def _lines(ax: Axes, series: dict[str, list[dict[str, Any]]], x: str, metric: st
     for label, rows in series.items():
         rows = sorted(rows, key=lambda r: r[x])
         ax.plot([r[x] for r in rows], [r[metric] for r in rows], marker="o", label=label or metric)
-        reference = [r for r in rows if _finite(r.get(reference_key(metric)))]
+        reference = [r for r in rows if is_finite_number(r.get(reference_key(metric)))]
         if reference:
             ax.plot([r[x] for r in reference], [r[reference_key(metric)] for r in reference], ls="--", marker=".",
                     color="k", label="Original" + (f" ({label})" if label else ""))
@@ -69,10 +82,8 @@ def _lines(ax: Axes, series: dict[str, list[dict[str, Any]]], x: str, metric: st
 
 
 def _bars(ax: Axes, series: dict[str, list[dict[str, Any]]], x: str | None, metric: str) -> None:
-    from cft_lightning.sweep import _short
-
     def category(row: dict[str, Any]) -> str:
-        return _short(row[x]) if x else str(row["run"])
+        return short_value(row[x]) if x else str(row["run"])
 
     categories = list(dict.fromkeys(category(r) for rows in series.values() for r in rows))
     width = 0.8 / len(series)
@@ -81,7 +92,7 @@ def _bars(ax: Axes, series: dict[str, list[dict[str, Any]]], x: str | None, metr
         positions = [categories.index(category(r)) + (s - (len(series) - 1) / 2) * width for r in rows]
         ax.bar(positions, [r[metric] for r in rows], width, label=label or metric)
         reference = [(p, r[reference_key(metric)]) for p, r in zip(positions, rows)
-                     if _finite(r.get(reference_key(metric)))]
+                     if is_finite_number(r.get(reference_key(metric)))]
         if reference:
             ax.scatter(*zip(*reference), marker="_", s=400 * width, color="k", zorder=3,
                        label=None if marked else "Original")
@@ -95,7 +106,7 @@ def ablation_plot(rows: list[dict[str, Any]], varying: list[str], metric: str, t
     """`metric` against the swept value (see the module docstring); None when no run reported it."""
     from matplotlib.figure import Figure
 
-    done = [row for row in rows if _finite(row.get(metric))]
+    done = [row for row in rows if is_finite_number(row.get(metric))]
     if not done:
         return None
     numeric = [k for k in varying if not _is_seed(k) and _numeric([row.get(k) for row in done])]

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from cft_lightning.data.mask_store import atomic_write
+from cft_lightning._io import atomic_write
 
 __all__ = ["ensure_wandb_mode", "find_run_summary", "log_config", "log_images", "log_results", "run_dir",
            "wandb_key_available", "write_run_summary"]

@@ -57,7 +57,8 @@ def critique(data: str, weights: str, store: str, kill_at: int = 0) -> None:
     import torch
 
     from cft_lightning.critique import CritiqueSettings, OracleCritic, run_critique
-    from cft_lightning.critique.cli import _items, build_attributor
+    from cft_lightning.critique.attribution import build_attributor
+    from cft_lightning.critique.cli import _items
 
     tick = _die_at(kill_at)
 

@@ -16,8 +16,8 @@ from lightning.pytorch.loggers import CSVLogger
 
 from cft_lightning.data.alignment import AlignmentMixSampler, alignment_slots
 from cft_lightning.data.datamodule import GuidanceDataModule
-from cft_lightning.data.errors import DataError
 from cft_lightning.data.mask_store import MaskStore
+from cft_lightning.errors import DataError
 from cft_lightning.models import BackboneSpec, GuidedFineTuner
 from cft_lightning.regularizers import RRDA, RRR, GradMask, LVLMCritic, RobustViT
 from cft_lightning.relevance import GradientRollout

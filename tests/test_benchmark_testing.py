@@ -15,9 +15,9 @@ from PIL import Image
 
 from cft_lightning.benchmarks.robustness import get_benchmark
 from cft_lightning.data.datamodule import GuidanceDataModule
-from cft_lightning.data.errors import DataError
 from cft_lightning.data.image_folder import imagenet_classes, load_image
 from cft_lightning.data.transforms import JointTransform
+from cft_lightning.errors import DataError
 from cft_lightning.models import BackboneSpec, GuidedFineTuner
 from cft_lightning.regularizers import PlainFineTuning
 

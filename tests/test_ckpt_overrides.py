@@ -12,7 +12,7 @@ from jsonargparse import Namespace
 
 from cft_lightning.cli import main
 from cft_lightning.cli_ckpt import command_line_model_keys, honour_model_overrides
-from cft_lightning.data.errors import DataError
+from cft_lightning.errors import DataError
 from cft_lightning.smoke_data import generate
 
 REPO = Path(__file__).resolve().parents[1]

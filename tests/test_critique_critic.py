@@ -20,7 +20,7 @@ from cft_lightning.critique.critic import (
     load_judge_examples,
     parse_verdicts,
 )
-from cft_lightning.data.errors import DataError
+from cft_lightning.errors import DataError
 
 
 def sample(label: str, count: int = 3) -> CritiqueSample:

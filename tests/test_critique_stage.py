@@ -140,7 +140,8 @@ def test_views_map_back_to_the_original_image():
 
 def test_two_processes_critique_each_image_once(decoy_data: Path, cnn_weights: Path, tmp_path: Path):
     from cft_lightning.critique import CritiqueSettings, OracleCritic, run_critique
-    from cft_lightning.critique.cli import _items, build_attributor
+    from cft_lightning.critique.attribution import build_attributor
+    from cft_lightning.critique.cli import _items
     from cft_lightning.critique.stage import read_jsonl
 
     model = timm.create_model("test_resnet", num_classes=3)

@@ -60,8 +60,8 @@ def test_demo_writes_summary_results_and_pictures(demo_run: Path, capsys: pytest
 def test_start_models_are_cached_per_recipe_and_never_reused_when_damaged(demo_run: Path) -> None:
     """Both stages of the pretrained start live in the cache keyed by their recipe; a truncated weights file or
     a changed recipe means training again, never a silent reuse."""
+    from cft_lightning._io import file_sha256
     from cft_lightning.benchmarks import ShortcutPartsSpec
-    from cft_lightning.data.mask_store import file_sha256
 
     spec = ShortcutPartsSpec(num_classes=3, image_size=32, train_per_class=12, test_per_class=6)
     settings = DemoSettings(out=str(demo_run / "run"), benchmark=spec, pretrain_epochs=1, shortcut_epochs=1,

@@ -15,7 +15,7 @@ from _lxt_oracle import (
 )
 from torch import Tensor, nn
 
-from cft_lightning.relevance._vit import UnsupportedModelError
+from cft_lightning.errors import UnsupportedModelError
 from cft_lightning.relevance.attn_lrp import AttnLRP
 from cft_lightning.relevance.gradient_rollout import GradientRollout
 

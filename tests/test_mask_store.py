@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cft_lightning._io import atomic_write
 from cft_lightning.data import DataError, MaskStore, concept_slug
-from cft_lightning.data.mask_store import atomic_write
 
 
 @pytest.fixture

@@ -85,7 +85,7 @@ def test_readme_real_data_steps_name_the_extras_they_need() -> None:
 
 def test_imagenet_segmentation_without_h5py_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     from cft_lightning.benchmarks.imagenet_seg import ImageNetSegmentation
-    from cft_lightning.data.errors import DataError
+    from cft_lightning.errors import DataError
 
     monkeypatch.setitem(sys.modules, "h5py", None)  # import h5py -> ImportError
     with pytest.raises(DataError, match=r"\[benchmarks\]"):

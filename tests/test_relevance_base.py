@@ -9,7 +9,7 @@ from _lxt_oracle import TINY, tiny_images, tiny_vit
 from timm.layers import RmsNorm
 from timm.models.vision_transformer import ResPostBlock
 
-from cft_lightning.relevance._vit import UnsupportedModelError
+from cft_lightning.errors import UnsupportedModelError
 from cft_lightning.relevance.attn_lrp import AttnLRP
 from cft_lightning.relevance.base import Relevance, normalize_maps, resolve_targets
 from cft_lightning.relevance.gradient_rollout import GradientRollout

@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from cft_lightning.cli import main
-from cft_lightning.data.errors import DataError
 from cft_lightning.data.image_io import load_image
+from cft_lightning.errors import DataError
 from cft_lightning.smoke_data import generate
 
 ROOT = Path(__file__).resolve().parents[1]

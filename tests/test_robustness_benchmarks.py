@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from cft_lightning.benchmarks.robustness import get_benchmark, target_rank
-from cft_lightning.data.errors import DataError
 from cft_lightning.data.image_folder import imagenet_classes
+from cft_lightning.errors import DataError
 
 WNIDS = imagenet_classes()
 

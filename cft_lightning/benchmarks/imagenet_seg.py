@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cft_lightning.data.errors import DataError
 from cft_lightning.data.transforms import JointTransform
+from cft_lightning.errors import DataError
 
 __all__ = ["ImageNetSegmentation"]
 

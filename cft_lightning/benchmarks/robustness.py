@@ -33,8 +33,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from cft_lightning.data.errors import DataError
 from cft_lightning.data.image_folder import imagenet_classes, is_image_file, load_image
+from cft_lightning.errors import DataError
 
 __all__ = [
     "BENCHMARKS",

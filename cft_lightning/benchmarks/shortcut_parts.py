@@ -35,9 +35,10 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
+from cft_lightning._io import atomic_write, file_sha256
 from cft_lightning.benchmarks._parts_render import BACKGROUNDS, PARTS, Rendered, render
-from cft_lightning.data.errors import DataError
-from cft_lightning.data.mask_store import MaskStore, atomic_write, concept_slug, file_sha256
+from cft_lightning.data.mask_store import MaskStore, concept_slug
+from cft_lightning.errors import DataError
 
 __all__ = ["SPLITS", "ShortcutPartsSpec", "build_shortcut_parts", "class_parts", "default_cache_dir"]
 

@@ -2,7 +2,7 @@
 
 For every class, three prompt types (the visual features that identify it, its superclasses, the things
 seen around it), `samples` answers each (LF-CBM: 2, temperature 0.7), parsed into lists, then the LF-CBM
-filters (`filters.py`). The output is the concept bank the mask stage reads:
+filters (`filters.py`). The output is the concept bank (`bank.py`) the mask stage reads:
 
     {"format": "cft_lightning.concepts/1",
      "concepts": {"<class id>": ["<concept>", ...], ...},
@@ -28,15 +28,14 @@ import re
 from pathlib import Path
 from typing import Any
 
+from cft_lightning.concepts.bank import FORMAT, load_concept_bank, write_concept_bank
 from cft_lightning.concepts.filters import Embedder, filter_concepts, sentence_transformer_embedder
-from cft_lightning.concepts.llm import CachedChat, ChatError, ChatRefusal, ChatUnavailable
-from cft_lightning.data.errors import CommandFailed, DataError
-from cft_lightning.data.mask_store import atomic_write
+from cft_lightning.concepts.llm import CachedChat, ChatRefusal
+from cft_lightning.errors import ChatError, ChatUnavailable, CommandFailed, DataError
 
 __all__ = ["PROMPTS", "discover", "load_classes", "load_concept_bank", "main", "parse_list"]
 
 log = logging.getLogger(__name__)
-FORMAT = "cft_lightning.concepts/1"
 
 # Our own few-shot wording, in the spirit of LF-CBM's three prompt types (two worked examples each).
 PROMPTS = {
@@ -100,15 +99,6 @@ def load_classes(spec: str) -> dict[str, str]:
     if not classes:
         raise DataError(f"--classes: {spec} lists no class")
     return classes
-
-
-def load_concept_bank(path: str | Path) -> dict[str, list[str]]:
-    """The {class: [concept, ...]} of a bank file (this module's format, or a plain mapping)."""
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
-    bank = data.get("concepts", data) if isinstance(data, dict) else None
-    if not isinstance(bank, dict) or not all(isinstance(v, list) for v in bank.values()):
-        raise DataError(f"concept bank {path} must map class names to lists of concepts")
-    return {str(k): [str(c) for c in v] for k, v in bank.items()}
 
 
 def _ask(chat: CachedChat, prompt: str, sample: int, malformed_retries: int) -> list[str]:
@@ -211,6 +201,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of `cft concepts` (and `cft concepts validate`)."""
     if argv and argv[0] == "validate":
+        # one-way (validate.py reads the bank through bank.py, never this module); imported here so that
+        # `cft concepts --help` does not load numpy and the mask store
         from cft_lightning.concepts.validate import main as validate_main
 
         validate_main(argv[1:])
@@ -227,9 +219,7 @@ def main(argv: list[str] | None = None) -> None:
                    class_similarity=args.class_similarity, duplicate_similarity=args.duplicate_similarity,
                    progress=not args.no_progress)
     doc["provenance"]["embedder"] = args.embedder
-    text = json.dumps(doc, indent=2) + "\n"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out, lambda handle: handle.write(text.encode("utf-8")))
+    write_concept_bank(out, doc)
     usage = chat.usage
     kept = sum(len(v) for v in doc["concepts"].values())
     n = max(len(doc["concepts"]), 1)

@@ -23,22 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cft_lightning.data.mask_store import atomic_write
+from cft_lightning._io import atomic_write
+from cft_lightning.errors import ChatError, ChatUnavailable
 
 __all__ = ["CachedChat", "ChatAnswer", "ChatError", "ChatRefusal", "ChatUnavailable"]
 
 
-class ChatError(RuntimeError):
-    """The endpoint failed for good (after the client's retries)."""
-
-
 class ChatRefusal(ChatError):
     """The model refused, or answered nothing."""
-
-
-class ChatUnavailable(ChatError):
-    """The endpoint cannot be used at all (unreachable, no key or a refused key, unknown model): no later
-    request would fare better, so the command stops instead of skipping item after item."""
 
 
 @dataclass

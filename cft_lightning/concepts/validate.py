@@ -26,7 +26,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from cft_lightning._io import file_sha256
+from cft_lightning.concepts.bank import FORMAT, load_concept_bank, write_concept_bank
 from cft_lightning.data.mask_store import MaskStore
+from cft_lightning.errors import DataError
 
 __all__ = ["Grounder", "OracleGrounder", "validate_bank"]
 
@@ -135,13 +138,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of `cft concepts validate`."""
-    import hashlib
-    import json
-
-    from cft_lightning.concepts.discovery import FORMAT, load_concept_bank
-    from cft_lightning.data.errors import DataError
-    from cft_lightning.data.mask_store import atomic_write
-
     args = _parser().parse_args(argv)
     if args.grounder == "oracle" and not args.masks:
         raise DataError("--grounder oracle needs --masks (a mask store with per-concept and object masks)")
@@ -158,14 +154,13 @@ def main(argv: list[str] | None = None) -> None:
                                       coverage=args.coverage, seed=args.seed)
     doc = {"format": FORMAT, "concepts": validated, "provenance": {
         "source_bank": {"path": str(Path(args.bank).resolve()),
-                        "sha256": hashlib.sha256(Path(args.bank).read_bytes()).hexdigest()},
+                        "sha256": file_sha256(args.bank)},
         "validation": {"grounder": args.grounder, **({"detector": args.detector, "segmenter": args.segmenter,
                        "box_threshold": args.box_threshold, "text_threshold": args.text_threshold}
                        if args.grounder == "grounded_sam" else {}),
                        "per_class": args.per_class, "occurrence": args.occurrence,
                        "coverage": args.coverage, "seed": args.seed},
         "report": report}}
-    text = json.dumps(doc, indent=2) + "\n"
-    atomic_write(Path(args.out), lambda handle: handle.write(text.encode("utf-8")))
+    write_concept_bank(args.out, doc)
     before, after = sum(map(len, bank.values())), sum(map(len, validated.values()))
     print(f"cft concepts validate: kept {after} of {before} concepts; report in {args.out}")

@@ -19,15 +19,18 @@ grid to the pixels (pixel-level methods such as `InputXGradient` pass through un
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+if TYPE_CHECKING:  # torch is imported where an attribution runs, so `cft critique --help` stays light
+    from torch import Tensor, nn
 
-from cft_lightning.relevance.base import RelevanceMethod
+    from cft_lightning.relevance.base import RelevanceMethod
 
-__all__ = ["Attributor", "DeepLiftShapAttribution", "RelevanceAttribution"]
+__all__ = ["ATTRIBUTIONS", "Attributor", "DeepLiftShapAttribution", "RelevanceAttribution", "build_attributor",
+           "is_vit"]
+
+# `cft critique --attribution`: `auto` picks DeepLIFT-SHAP for CNNs and MLPs, input x gradient for ViTs
+ATTRIBUTIONS = ("auto", "deeplift_shap", "ixg", "input_grad", "attnlrp", "rollout", "gradcam")
 
 
 class Attributor(Protocol):
@@ -48,6 +51,7 @@ class DeepLiftShapAttribution:
         self.baselines = baselines
 
     def __call__(self, model: nn.Module, images: Tensor, targets: Tensor) -> Tensor:
+        import torch
         from captum.attr import DeepLiftShap
 
         baselines = self.baselines.to(images.device, images.dtype)
@@ -73,8 +77,35 @@ class RelevanceAttribution:
         self.method, self.name = method, name
 
     def __call__(self, model: nn.Module, images: Tensor, targets: Tensor) -> Tensor:
+        import torch.nn.functional as F
+
         raw = self.method(model, images, targets, differentiable=False).raw.detach()
         if raw.shape[-2:] != images.shape[-2:]:
             raw = F.interpolate(raw[:, None].float(), size=images.shape[-2:], mode="bilinear",
                                 align_corners=False)[:, 0]
         return raw
+
+
+def is_vit(model: nn.Module) -> bool:
+    """Whether `model` has attention modules (a timm ViT): `auto` then explains it with input x gradient."""
+    return any(type(m).__name__ == "Attention" for m in model.modules())
+
+
+def build_attributor(name: str, model: nn.Module, baselines: Tensor | None = None) -> Attributor:
+    """The attributor called `name` (see ATTRIBUTIONS); `auto` picks DeepLIFT-SHAP unless the model is a ViT.
+    DeepLIFT-SHAP needs `baselines` (K >= 2 images); a relevance method is checked against `model` here."""
+    from cft_lightning.relevance import AttnLRP, GradCAM, GradientRollout, InputGradient, InputXGradient
+
+    if name == "auto":
+        name = "ixg" if is_vit(model) else "deeplift_shap"
+    if name == "deeplift_shap":
+        if baselines is None:
+            raise ValueError("deeplift_shap needs baseline images")
+        return DeepLiftShapAttribution(baselines)
+    methods = {"ixg": InputXGradient, "input_grad": lambda: InputGradient(channels="sum"), "attnlrp": AttnLRP,
+               "rollout": GradientRollout, "gradcam": GradCAM}
+    if name not in methods:
+        raise ValueError(f"unknown attribution {name!r}; choose from {ATTRIBUTIONS}")
+    method = methods[name]()
+    method.check_model(model)
+    return RelevanceAttribution(method, name)

@@ -12,17 +12,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from cft_lightning.data.errors import CommandFailed, DataError
+from cft_lightning.critique.attribution import ATTRIBUTIONS, build_attributor, is_vit
+from cft_lightning.errors import CommandFailed, DataError
 
-if TYPE_CHECKING:
-    import torch
-    from torch import nn
-
-__all__ = ["ATTRIBUTIONS", "build_attributor", "main"]
-
-ATTRIBUTIONS = ("auto", "deeplift_shap", "ixg", "input_grad", "attnlrp", "rollout", "gradcam")
+__all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -88,30 +83,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _is_vit(model: nn.Module) -> bool:
-    return any(type(m).__name__ == "Attention" for m in model.modules())
-
-
-def build_attributor(name: str, model: nn.Module, baselines: torch.Tensor | None = None) -> Any:
-    """The attributor called `name` (see ATTRIBUTIONS); `auto` picks DeepLIFT-SHAP unless the model is a ViT."""
-    from cft_lightning.critique.attribution import DeepLiftShapAttribution, RelevanceAttribution
-    from cft_lightning.relevance import AttnLRP, GradCAM, GradientRollout, InputGradient, InputXGradient
-
-    if name == "auto":
-        name = "ixg" if _is_vit(model) else "deeplift_shap"
-    if name == "deeplift_shap":
-        if baselines is None:
-            raise ValueError("deeplift_shap needs baseline images")
-        return DeepLiftShapAttribution(baselines)
-    methods = {"ixg": InputXGradient, "input_grad": lambda: InputGradient(channels="sum"), "attnlrp": AttnLRP,
-               "rollout": GradientRollout, "gradcam": GradCAM}
-    if name not in methods:
-        raise ValueError(f"unknown attribution {name!r}; choose from {ATTRIBUTIONS}")
-    method = methods[name]()
-    method.check_model(model)
-    return RelevanceAttribution(method, name)
-
-
 def _items(data: Path, classes: list[str]) -> list[tuple[str, int]]:
     from cft_lightning.concepts.validate import images_by_class
 
@@ -150,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     items = _items(data, classes)
     config = resolve_data_config(model)
     baselines = None
-    if args.attribution in ("auto", "deeplift_shap") and not _is_vit(model):
+    if args.attribution in ("auto", "deeplift_shap") and not is_vit(model):
         from cft_lightning.data.image_folder import load_image
         from cft_lightning.data.transforms import JointTransform
 

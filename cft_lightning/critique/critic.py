@@ -23,9 +23,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from cft_lightning.concepts.llm import CachedChat, ChatError, ChatRefusal
+from cft_lightning.concepts.llm import CachedChat, ChatRefusal
 from cft_lightning.critique.views import PALETTE, data_url, overlay, segment_map, view_scale
-from cft_lightning.data.errors import DataError
+from cft_lightning.errors import ChatError, DataError
 
 __all__ = [
     "CritiqueSample",

@@ -13,13 +13,14 @@ import lightning as L
 import torch
 from torch import nn
 
+from cft_lightning._io import atomic_write
 from cft_lightning.critique.attribution import Attributor
 from cft_lightning.critique.critic import Critic
 from cft_lightning.critique.sampling import lowest_entropy
 from cft_lightning.critique.stage import KIND, CritiqueGeneration, EntropyScoring, ImageItems, read_jsonl
-from cft_lightning.data.errors import DataError
-from cft_lightning.data.mask_store import MaskStore, atomic_write
+from cft_lightning.data.mask_store import MaskStore
 from cft_lightning.data.transforms import JointTransform, parse_data_config
+from cft_lightning.errors import DataError
 
 __all__ = ["CritiqueSettings", "run_critique"]
 

@@ -28,15 +28,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from cft_lightning.concepts.llm import ChatError, ChatUnavailable
+from cft_lightning._io import atomic_write
 from cft_lightning.critique.attribution import Attributor
 from cft_lightning.critique.critic import Critic, CritiqueSample, describe
 from cft_lightning.critique.ppeps import effect_mass, ppeps_segments
 from cft_lightning.critique.sampling import entropies_by_key
 from cft_lightning.critique.views import overlay, segment_map, to_original
 from cft_lightning.data.image_folder import load_image
-from cft_lightning.data.mask_store import MaskStore, atomic_write
+from cft_lightning.data.mask_store import MaskStore
 from cft_lightning.data.transforms import JointTransform
+from cft_lightning.errors import ChatError, ChatUnavailable
 
 __all__ = ["CritiqueGeneration", "EntropyScoring", "ImageItems", "read_jsonl"]
 

@@ -15,7 +15,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from cft_lightning.benchmarks.imagenet_seg import ImageNetSegmentation
 from cft_lightning.benchmarks.robustness import BENCHMARKS, BenchmarkDataset, get_benchmark
-from cft_lightning.data.errors import DataError
+from cft_lightning.errors import DataError
 
 __all__ = ["ALL_BENCHMARKS", "BENCHMARK_DATASETS", "BenchmarkTestSplits"]
 

@@ -30,7 +30,6 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from cft_lightning._plugins import Requirements
 from cft_lightning.data.alignment import alignment_slots
 from cft_lightning.data.benchmark_splits import ALL_BENCHMARKS, BENCHMARK_DATASETS, BenchmarkTestSplits
-from cft_lightning.data.errors import DataError
 from cft_lightning.data.image_folder import (
     MISSING_MASK_POLICIES,
     FewShotSelection,
@@ -45,6 +44,7 @@ from cft_lightning.data.mask_store import MaskStore
 from cft_lightning.data.metadata import Metadata, read_metadata
 from cft_lightning.data.run_files import RunFiles
 from cft_lightning.data.transforms import Augmentation, JointTransform, build_transforms
+from cft_lightning.errors import DataError
 
 
 def _kinds_available(store: MaskStore, samples: Sequence[Sample], kinds: Sequence[str]) -> list[str]:

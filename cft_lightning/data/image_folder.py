@@ -22,7 +22,6 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from cft_lightning.data.donors import DONOR_SEED, choose_donors, foreground_kind
-from cft_lightning.data.errors import DataError
 from cft_lightning.data.image_io import IMAGE_EXTENSIONS as IMAGE_EXTENSIONS  # re-exported
 from cft_lightning.data.image_io import is_image_file, load_image, skipped_summary
 from cft_lightning.data.mask_store import MaskStore
@@ -30,6 +29,7 @@ from cft_lightning.data.metadata import Metadata, is_int
 from cft_lightning.data.metadata import read_metadata as read_metadata  # re-exported
 from cft_lightning.data.resumable import sample_seed
 from cft_lightning.data.transforms import JointTransform
+from cft_lightning.errors import DataError
 
 MISSING_MASK_POLICIES = ("error", "drop", "empty")
 

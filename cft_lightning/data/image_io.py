@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from cft_lightning.data.errors import DataError
+from cft_lightning.errors import DataError
 
 __all__ = ["IMAGE_EXTENSIONS", "NON_IMAGE_FORMATS", "image_extensions", "is_image_file", "load_image",
            "skipped_summary"]

@@ -14,9 +14,9 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
 
 from cft_lightning.data.alignment import AlignmentMixSampler
-from cft_lightning.data.errors import DataError
 from cft_lightning.data.image_folder import GuidanceDataset
 from cft_lightning.data.resumable import EpochSeededLoader, EpochShuffleSampler, FitEpoch
+from cft_lightning.errors import DataError
 
 __all__ = ["SplitLoaders"]
 

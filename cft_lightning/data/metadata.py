@@ -6,8 +6,8 @@ import csv
 import os
 from dataclasses import dataclass, field
 
-from cft_lightning.data.errors import DataError
 from cft_lightning.data.mask_store import normalize_rel_path
+from cft_lightning.errors import DataError
 
 __all__ = ["Metadata", "is_int", "read_metadata"]
 

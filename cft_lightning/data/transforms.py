@@ -23,7 +23,7 @@ from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from cft_lightning.data.errors import DataError
+from cft_lightning.errors import DataError
 
 _INTERPOLATIONS = {
     "nearest": v2.InterpolationMode.NEAREST,

@@ -38,7 +38,7 @@ from cft_lightning.demo.settings import (
     TABLE7_METHODS,
     DemoSettings,
 )
-from cft_lightning.demo.start import build_start, stage_note, torch_threads
+from cft_lightning.demo.start import build_start, demo_trainer, stage_note, torch_threads
 from cft_lightning.models import GuidedFineTuner
 from cft_lightning.models.backbone import build_backbone, resolve_data_config
 from cft_lightning.regularizers import (
@@ -111,13 +111,6 @@ METHODS: dict[str, Any] = {
                                  reduction="batch_sum"), None),
 }
 assert set(METHODS) == set(METHOD_NAMES), "demo/settings.py METHOD_NAMES must list exactly the METHODS"
-def _trainer(settings: DemoSettings, root: Path, epochs: int, **kwargs: Any) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu", devices=1, max_epochs=epochs, inference_mode=False, default_root_dir=str(root),
-        logger=L.pytorch.loggers.CSVLogger(str(root), name="", version=""), enable_checkpointing=False,
-        enable_model_summary=False, enable_progress_bar=settings.progress, num_sanity_val_steps=0,
-        log_every_n_steps=5, **kwargs,
-    )
 
 
 def fewshot_root(settings: DemoSettings, data: Path, out: Path) -> Path:
@@ -181,7 +174,7 @@ def critique_store(dm: GuidanceDataModule, data: Path, weights: Path, settings: 
     reading the benchmark's `decoy` masks (a segment is spurious when half of its positive effect lies on
     the decoy); the benchmark's other masks are linked in."""
     from cft_lightning.critique import CritiqueSettings, OracleCritic, run_critique
-    from cft_lightning.critique.cli import build_attributor
+    from cft_lightning.critique.attribution import build_attributor
 
     if not settings.benchmark.decoy:
         raise ValueError("cft demo: --critic pipeline needs a decoy benchmark (--decoy or --decoy_only): the oracle "
@@ -204,7 +197,7 @@ def critique_store(dm: GuidanceDataModule, data: Path, weights: Path, settings: 
 
 def decoy_alignment(model: torch.nn.Module, data: Path, split: str = "test_ood") -> float:
     """LVLM-VA's mu_align of `model` on a split of a decoy benchmark (input x gradient, explaining the label)."""
-    from cft_lightning.critique.cli import build_attributor
+    from cft_lightning.critique.attribution import build_attributor
     from cft_lightning.critique.metrics import mu_align
     from cft_lightning.critique.stage import ImageItems
 
@@ -253,7 +246,7 @@ def finetune_and_test(settings: DemoSettings, data: Path, seed: int, method: str
         kwargs.update(masks=str(store))
         dm = GuidanceDataModule(**kwargs)
     epochs = settings.full_split_epochs if full else settings.finetune_epochs
-    trainer = _trainer(settings, out, epochs, limit_val_batches=0)
+    trainer = demo_trainer(settings, out, epochs, limit_val_batches=0)
     images = sum(len(v) for v in dm.selection.train.values())
     stage_note(f"seed {seed}: fine-tuning {method} ({images} images, {epochs} epochs)",
                settings.progress)
@@ -296,7 +289,7 @@ def mask_store(settings: DemoSettings, data: Path) -> Path:
         return data / "masks"
     if settings.mask_source != "pipeline":
         raise ValueError(f"cft demo: mask_source must be 'benchmark' or 'pipeline', got {settings.mask_source!r}")
-    from cft_lightning.concepts.discovery import load_concept_bank
+    from cft_lightning.concepts.bank import load_concept_bank
     from cft_lightning.concepts.validate import OracleGrounder, images_by_class, validate_bank
     from cft_lightning.masks.generate import generate_masks
 

@@ -33,20 +33,21 @@ from typing import TYPE_CHECKING, Any
 import lightning as L
 import torch
 
+from cft_lightning._io import file_sha256
 from cft_lightning.benchmarks import ShortcutPartsSpec, build_shortcut_parts
 from cft_lightning.benchmarks.shortcut_parts import default_cache_dir
 from cft_lightning.data.datamodule import GuidanceDataModule
 from cft_lightning.data.image_folder import GuidanceDataset, build_samples, scan_image_folder
-from cft_lightning.data.mask_store import file_sha256
 from cft_lightning.data.transforms import build_transforms
 from cft_lightning.models import GuidedFineTuner
 from cft_lightning.models.backbone import resolve_data_config
 from cft_lightning.regularizers import PlainFineTuning
 
 if TYPE_CHECKING:
-    from cft_lightning.demo.pipeline import DemoSettings
+    from cft_lightning.demo.settings import DemoSettings
 
-__all__ = ["STARTS", "StartModel", "build_start", "profile", "stage_note", "torch_threads", "upstream_spec"]
+__all__ = ["STARTS", "StartModel", "build_start", "demo_trainer", "profile", "stage_note", "torch_threads",
+           "upstream_spec"]
 
 STARTS = ("pretrained", "scratch")
 RECIPE_VERSION = 1  # bump when the training code of a stage changes: older cache entries are retrained
@@ -112,17 +113,26 @@ def torch_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def demo_trainer(settings: DemoSettings, root: Path, epochs: int, **kwargs: Any) -> L.Trainer:
+    """The demo's CPU Trainer (both stages of the start model and every fine-tuning): CSV logs under `root`,
+    no checkpoints, no sanity check, a progress bar when `settings.progress`."""
+    return L.Trainer(
+        accelerator="cpu", devices=1, max_epochs=epochs, inference_mode=False, default_root_dir=str(root),
+        logger=L.pytorch.loggers.CSVLogger(str(root), name="", version=""), enable_checkpointing=False,
+        enable_model_summary=False, enable_progress_bar=settings.progress, num_sanity_val_steps=0,
+        log_every_n_steps=5, **kwargs,
+    )
+
+
 def _train(settings: DemoSettings, data: Path, seed: int, epochs: int, lr: float, init: Path | None,
            log_dir: Path) -> torch.nn.Module:
-    from cft_lightning.demo.pipeline import _trainer
-
     L.seed_everything(seed, workers=True)
     model = GuidedFineTuner(settings.backbone(None if init is None else str(init)), PlainFineTuning(), None, lr=lr,
                             weight_decay=0.05, lr_step_size=0, track_reference=False)
     dm = GuidanceDataModule(str(data / "images" / "train"), mask_kinds=[], class_fraction=1.0, images_per_class=None,
                             val_root=str(data / "images" / "val"), batch_size=64, seed=seed)
     with torch_threads(settings.threads):
-        _trainer(settings, log_dir, epochs).fit(model, dm)
+        demo_trainer(settings, log_dir, epochs).fit(model, dm)
     return model.backbone
 
 

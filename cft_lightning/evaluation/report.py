@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from cft_lightning.data.mask_store import atomic_write
+from cft_lightning._io import atomic_write
 
 __all__ = ["METRIC_LABELS", "SCHEMA", "markdown_table", "print_table", "write_results"]
 

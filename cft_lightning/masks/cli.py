@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from cft_lightning.data.errors import CommandFailed
+from cft_lightning.errors import CommandFailed
 from cft_lightning.masks.grounding_options import add_grounding_options
 from cft_lightning.masks.importers import import_binary_masks, import_imagenet_s
 
@@ -52,7 +52,7 @@ def _generate(args: argparse.Namespace) -> None:
 
     import lightning as L
 
-    from cft_lightning.concepts.discovery import load_concept_bank
+    from cft_lightning.concepts.bank import load_concept_bank
     from cft_lightning.concepts.validate import OracleGrounder, images_by_class
     from cft_lightning.data.mask_store import MaskStore
     from cft_lightning.masks.predict import MaskGeneration, generation_loader

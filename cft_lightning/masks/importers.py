@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cft_lightning.data.errors import DataError
 from cft_lightning.data.mask_store import MaskStore
+from cft_lightning.errors import DataError
 
 __all__ = ["imagenet_s_object_mask", "import_binary_masks", "import_imagenet_s"]
 

@@ -17,6 +17,8 @@ import timm
 import torch
 from torch import nn
 
+from cft_lightning.errors import BackboneError
+
 __all__ = [
     "BackboneError",
     "BackboneSpec",
@@ -28,10 +30,6 @@ __all__ = [
 ]
 
 _WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
-
-
-class BackboneError(ValueError):
-    """A backbone spec that cannot be built (unknown model, missing or unreadable weights)."""
 
 
 @dataclass

@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from cft_lightning.data.errors import DataError
+from cft_lightning.errors import DataError
 from cft_lightning.evaluation.evaluator import Evaluator, predicted_class_maps
 from cft_lightning.evaluation.interventions import intervene
 from cft_lightning.evaluation.report import print_table, write_results

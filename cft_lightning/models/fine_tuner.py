@@ -23,12 +23,12 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from cft_lightning._plugins import Requirements, plugin_config
+from cft_lightning.errors import NonFiniteLossError, UnsupportedModelError
 from cft_lightning.evaluation.metrics import accuracy_metrics
 from cft_lightning.models.backbone import BackboneSpec, build_backbone, freeze, resolve_data_config
 from cft_lightning.models.evaluation_stage import EvaluationStage
 from cft_lightning.models.input_size import input_size_warning, native_image_size
 from cft_lightning.regularizers.base import Regularizer, RegularizerOutput
-from cft_lightning.relevance._vit import UnsupportedModelError
 from cft_lightning.relevance.base import RelevanceMethod
 
 __all__ = ["DATA_CONFIG_KEY", "GuidedFineTuner", "NonFiniteLossError"]
@@ -36,10 +36,6 @@ __all__ = ["DATA_CONFIG_KEY", "GuidedFineTuner", "NonFiniteLossError"]
 DATA_CONFIG_KEY = "cft_data_config"  # the checkpoint entry with the run's data config (`on_save_checkpoint`)
 
 _STAGES = ("train", "val")  # test metrics live in the Evaluator
-
-
-class NonFiniteLossError(FloatingPointError):
-    """A loss or gradient became NaN/inf; raised before the optimizer step, so no checkpoint gets it."""
 
 
 def _from_config(value: Any) -> Any:

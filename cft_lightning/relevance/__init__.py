@@ -1,6 +1,7 @@
 """Relevance (explanation) methods: the `RelevanceMethod` plugin seam. One file per method."""
 
-from cft_lightning.relevance._vit import UnsupportedModelError, explicit_attention
+from cft_lightning.errors import UnsupportedModelError
+from cft_lightning.relevance._attention import explicit_attention
 from cft_lightning.relevance.attn_lrp import AttnLRP
 from cft_lightning.relevance.base import Relevance, RelevanceMethod, normalize_maps
 from cft_lightning.relevance.grad_cam import GradCAM

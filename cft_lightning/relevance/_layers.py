@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from cft_lightning.relevance._vit import UnsupportedModelError, explicit_attention
+from cft_lightning.errors import UnsupportedModelError
+from cft_lightning.relevance._attention import explicit_attention
 from cft_lightning.relevance.base import resolve_targets
 
 __all__ = ["cnn_feature_layers", "layer_activation_and_gradient", "resolve_module"]

@@ -1,5 +1,5 @@
-"""Infrastructure for timm Vision Transformers: structure checks, a recorded forward pass, and the
-context that switches an instance to explicit attention.
+"""Infrastructure for timm Vision Transformers (AttnLRP): structure checks and a recorded forward pass. What
+other attention-based methods share (the explicit-attention switch, the patch grid) is in `_attention.py`.
 
 The recorded forward (`trace_vit`) computes exactly what `model(images)` computes, with the modules'
 own weights, and keeps the activations that the AttnLRP rules need. `_attnlrp.py` runs the rule
@@ -8,35 +8,13 @@ backward on these records as plain differentiable tensor operations.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-class UnsupportedModelError(TypeError):
-    """The model's structure is outside what a relevance method supports."""
-
-
-@contextmanager
-def explicit_attention(model: nn.Module) -> Iterator[nn.Module]:
-    """Switch every timm attention module of *this instance* to the explicit softmax path.
-
-    timm's fused attention (scaled_dot_product_attention) has no double backward and exposes no
-    attention map. The flag is restored on exit; other model instances are never touched.
-    """
-    modules = [m for m in model.modules() if hasattr(m, "fused_attn")]
-    saved = [m.fused_attn for m in modules]
-    for m in modules:
-        m.fused_attn = False
-    try:
-        yield model
-    finally:
-        for m, flag in zip(modules, saved):
-            m.fused_attn = flag
+from cft_lightning.errors import UnsupportedModelError
 
 
 def _is_identity(m: nn.Module | None) -> bool:

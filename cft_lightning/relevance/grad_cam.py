@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from cft_lightning.errors import UnsupportedModelError
+from cft_lightning.relevance._attention import patch_grid
 from cft_lightning.relevance._layers import cnn_feature_layers, layer_activation_and_gradient, resolve_module
-from cft_lightning.relevance._vit import UnsupportedModelError
 from cft_lightning.relevance.base import Normalization, RelevanceMethod
-from cft_lightning.relevance.gradient_rollout import _grid
 
 __all__ = ["GradCAM", "default_cam_layer"]
 
@@ -67,7 +67,7 @@ class GradCAM(RelevanceMethod):
         if acts.dim() == 3:  # ViT tokens (B, N, D): patch tokens onto the grid, channels last
             prefix = getattr(model, "num_prefix_tokens", 1)
             acts, grads = acts[:, prefix:], grads[:, prefix:]
-            h, w = _grid(model, images, acts.shape[1])
+            h, w = patch_grid(model, images, acts.shape[1])
             weights = grads.mean(dim=1, keepdim=True)  # (B, 1, D)
             raw = (weights * acts).sum(dim=-1).clamp_min(0).reshape(-1, h, w)
         elif acts.dim() == 4:  # CNN feature map (B, C, h, w)

@@ -13,18 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from cft_lightning.relevance._vit import UnsupportedModelError, explicit_attention
+from cft_lightning.relevance._attention import attention_drops, explicit_attention, patch_grid, prediction_row
 from cft_lightning.relevance.base import Normalization, RelevanceMethod, resolve_targets
-
-
-def _attention_drops(model: nn.Module) -> list[nn.Module]:
-    """The `attn_drop` modules of timm attention layers, whose outputs are the post-softmax maps."""
-    drops = [m.attn_drop for m in model.modules() if hasattr(m, "fused_attn") and hasattr(m, "attn_drop")]
-    if not drops:
-        raise UnsupportedModelError(f"{type(model).__name__} has no timm attention modules to read maps from")
-    if any(d.training and d.p > 0 for d in drops):
-        raise UnsupportedModelError("attention dropout is active: build the backbone with attn_drop_rate=0")
-    return drops
 
 
 class GradientRollout(RelevanceMethod):
@@ -42,13 +32,13 @@ class GradientRollout(RelevanceMethod):
         super().__init__(normalize=normalize, eps=eps)
 
     def check_model(self, model: nn.Module) -> None:
-        _attention_drops(model)
+        attention_drops(model)
 
     def explain(
         self, model: nn.Module, images: Tensor, targets: Tensor | None, *, differentiable: bool
     ) -> tuple[Tensor, Tensor, Tensor]:
         maps: list[Tensor] = []
-        drops = _attention_drops(model)
+        drops = attention_drops(model)
         # A frozen model (no parameter and no image requires grad) gives maps outside any graph: make them
         # leaves that require grad so dy/dA still exists (the same tensor object is used downstream).
         handles = [
@@ -70,24 +60,6 @@ class GradientRollout(RelevanceMethod):
             for attn, grad in zip(maps, grads):
                 weighted = (grad * attn).clamp_min(0).mean(dim=1)
                 rollout = rollout + weighted @ rollout
-            prefix = getattr(model, "num_prefix_tokens", 1)
-            has_cls = getattr(model, "cls_token", None) is not None
-            rows = rollout[:, 0, prefix:] if has_cls else rollout[:, prefix:, prefix:].mean(dim=1)
-        grid = _grid(model, images, rows.shape[1])
+            rows = prediction_row(rollout, model)
+        grid = patch_grid(model, images, rows.shape[1])
         return rows.reshape(B, *grid), logits, targets
-
-
-def _grid(model: nn.Module, images: Tensor, num_patches: int) -> tuple[int, int]:
-    pe = getattr(model, "patch_embed", None)
-    if pe is not None and hasattr(pe, "dynamic_feat_size"):
-        grid = tuple(int(s) for s in pe.dynamic_feat_size(tuple(images.shape[-2:])))
-        if grid[0] * grid[1] == num_patches:
-            return grid
-        raise UnsupportedModelError(
-            f"{num_patches} patch tokens do not fill the {grid[0]}x{grid[1]} patch grid of these images "
-            "(patch dropout active in training mode? build the backbone with patch_drop_rate=0)"
-        )
-    side = int(round(num_patches**0.5))
-    if side * side != num_patches:
-        raise UnsupportedModelError(f"cannot place {num_patches} patch tokens on a grid")
-    return side, side

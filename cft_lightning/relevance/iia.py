@@ -20,9 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from cft_lightning.relevance._vit import explicit_attention
+from cft_lightning.relevance._attention import attention_drops, explicit_attention, patch_grid, prediction_row
 from cft_lightning.relevance.base import Normalization, RelevanceMethod, resolve_targets
-from cft_lightning.relevance.gradient_rollout import _attention_drops, _grid
 
 __all__ = ["IIA", "normalized_rollout"]
 
@@ -85,12 +84,12 @@ class IIA(RelevanceMethod):
         self.steps = steps
 
     def check_model(self, model: nn.Module) -> None:
-        _attention_drops(model)
+        attention_drops(model)
 
     def explain(
         self, model: nn.Module, images: Tensor, targets: Tensor | None, *, differentiable: bool
     ) -> tuple[Tensor, Tensor, Tensor]:
-        drops = _attention_drops(model)
+        drops = attention_drops(model)
         grid = torch.linspace(0.0, 1.0, self.steps + 1).tolist()
         with explicit_attention(model):
             logits = model(images)  # the real image: the logits returned, and the default targets
@@ -106,8 +105,6 @@ class IIA(RelevanceMethod):
         assert total is not None
         with torch.no_grad():
             joint = normalized_rollout([t / len(grid) ** 2 for t in total])
-            prefix = getattr(model, "num_prefix_tokens", 1)
-            has_cls = getattr(model, "cls_token", None) is not None
-            rows = joint[:, 0, prefix:] if has_cls else joint[:, prefix:, prefix:].mean(dim=1)
+            rows = prediction_row(joint, model)
         B = images.shape[0]
-        return rows.reshape(B, *_grid(model, images, rows.shape[1])), logits, targets
+        return rows.reshape(B, *patch_grid(model, images, rows.shape[1])), logits, targets

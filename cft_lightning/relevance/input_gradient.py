@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from cft_lightning.relevance._vit import explicit_attention
+from cft_lightning.relevance._attention import explicit_attention
 from cft_lightning.relevance.base import Normalization, RelevanceMethod, resolve_targets
 
 __all__ = ["InputGradient", "InputXGradient", "input_gradient"]

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from cft_lightning.errors import UnsupportedModelError
+from cft_lightning.relevance._attention import patch_grid
 from cft_lightning.relevance._layers import cnn_feature_layers, layer_activation_and_gradient, resolve_module
-from cft_lightning.relevance._vit import UnsupportedModelError
 from cft_lightning.relevance.base import Normalization, RelevanceMethod
-from cft_lightning.relevance.gradient_rollout import _grid
 
 __all__ = ["LayerGradXActivation", "default_feature_layer"]
 
@@ -78,5 +78,5 @@ class LayerGradXActivation(RelevanceMethod):
         if acts.dim() == 3:  # ViT tokens (B, N, D)
             prefix = getattr(model, "num_prefix_tokens", 1)
             tokens = products[:, prefix:].sum(dim=-1)
-            return tokens.reshape(-1, *_grid(model, images, tokens.shape[1])), logits, targets
+            return tokens.reshape(-1, *patch_grid(model, images, tokens.shape[1])), logits, targets
         raise UnsupportedModelError(f"feature layer output has shape {tuple(acts.shape)}; expected 3 or 4 dims")

@@ -1,8 +1,8 @@
 """Cost of one training step of every method relative to plain fine-tuning.
 
-    python benchmarks/step_cost.py                       # ViT-B/16, 224 px, batch 8, CPU, random weights
-    python benchmarks/step_cost.py --model vit_tiny_patch16_224 --repeats 5
-    python benchmarks/step_cost.py --methods plain rrr gradmask   # a subset (plain is always included)
+    python perf/step_cost.py                       # ViT-B/16, 224 px, batch 8, CPU, random weights
+    python perf/step_cost.py --model vit_tiny_patch16_224 --repeats 5
+    python perf/step_cost.py --methods plain rrr gradmask   # a subset (plain is always included)
 
 A step is what `GuidedFineTuner.training_step` does plus the backward pass and the AdamW update. The
 methods are timed round-robin in one process (so machine noise hits them alike), and the median is

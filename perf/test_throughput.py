@@ -1,8 +1,8 @@
 """Images per second of `cft test` (Original and fine-tuned in one pass, the Evaluator, the benchmark's
 scoring) against a plain timm inference loop over the same images, in one process.
 
-    python benchmarks/test_throughput.py                           # ViT-B/16, 400 generated 256x256 JPEGs
-    python benchmarks/test_throughput.py --model vit_tiny_patch16_224 --images 200
+    python perf/test_throughput.py                           # ViT-B/16, 400 generated 256x256 JPEGs
+    python perf/test_throughput.py --model vit_tiny_patch16_224 --images 200
 
 The images are written once as a fake ImageNet-A tree (200 WNID folders). Both sides read them with the
 same number of DataLoader workers and the model's eval transform, under inference mode; `cft test` runs two

@@ -1,6 +1,6 @@
 """Throughput of `cft masks generate` and the share of time spent in the models vs our own code.
 
-    python benchmarks/mask_cost.py --images 4       # on a GPU machine; see below for 2 CPU cores
+    python perf/mask_cost.py --images 4       # on a GPU machine; see below for 2 CPU cores
 
 GroundingDINO and SAM are built at their default (full) sizes with random weights, since no checkpoint can be
 downloaded here. The time per forward depends on the architecture and the input size, not on the weights; the

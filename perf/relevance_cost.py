@@ -1,12 +1,12 @@
 """Cost of explaining with each relevance method: time and peak memory per image (forward + relevance).
 
-    python benchmarks/relevance_cost.py                              # ViT-B/16, 224 px, batch 8, CPU
-    python benchmarks/relevance_cost.py --model convnextv2_base --methods gradcam ixg grad_x_act lrp
+    python perf/relevance_cost.py                              # ViT-B/16, 224 px, batch 8, CPU
+    python perf/relevance_cost.py --model convnextv2_base --methods gradcam ixg grad_x_act lrp
 
 Each method explains the same random batch with `differentiable=False` (what `cft explain` and `cft test`
 do), timed round-robin in one process after a warm-up call, median over repeats, divided by the batch size.
 Peak memory: `ru_maxrss` of a fresh subprocess per method, minus its resident size before the call. The
-training-step cost of the differentiable methods inside CFT is `benchmarks/step_cost.py`.
+training-step cost of the differentiable methods inside CFT is `perf/step_cost.py`.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 the former loop (one `isfinite(grad).all()` and host sync per parameter) against the fused total norm with
 one sync that `GuidedFineTuner.on_before_optimizer_step` uses now.
 
-    python benchmarks/grad_check_cost.py --repeats 10
+    python perf/grad_check_cost.py --repeats 10
 """
 
 from __future__ import annotations

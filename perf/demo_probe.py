@@ -1,12 +1,12 @@
 """Where CFT acts inside the demo's starting model: a measurement script for docs/demo.md (not a test).
 
     # per layer group, the norms of the alignment and consistency gradients on the few-shot images, and their cosine
-    python benchmarks/demo_probe.py grads --seeds 0 1 2 3 4
+    python perf/demo_probe.py grads --seeds 0 1 2 3 4
     # per layer group, how far each method's fine-tuned weights moved from the start (||delta|| / ||start||)
-    python benchmarks/demo_probe.py changes runs/demo5 --methods plain cft cft_frozen --seeds 0 1 2 3 4
+    python perf/demo_probe.py changes runs/demo5 --methods plain cft cft_frozen --seeds 0 1 2 3 4
     # does the CFT loss go down at all? the loss along its own gradient, and full-batch AdamW at several lrs
-    python benchmarks/demo_probe.py descent --seeds 0 --lrs 1e-4 1e-5 1e-6 --steps 100
-    python benchmarks/demo_probe.py descent --seeds 0 --lrs 1e-4 --frozen patch_embed pos_embed cls_token blocks.0
+    python perf/demo_probe.py descent --seeds 0 --lrs 1e-4 1e-5 1e-6 --steps 100
+    python perf/demo_probe.py descent --seeds 0 --lrs 1e-4 --frozen patch_embed pos_embed cls_token blocks.0
 
 Both read the starting models from the demo's cache (`cft demo --calibrate` builds them) with the demo's
 default settings; `grads` uses the default few-shot selection (P = 3 images of every class).

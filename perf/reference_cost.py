@@ -2,7 +2,7 @@
 loss, backward, AdamW) with the reference tracked, once running it on every batch (`reference_train_metrics:
 true`, the behaviour before 2026-11-23) and once not (the default now), timed round-robin in one process.
 
-    python benchmarks/reference_cost.py --repeats 4      # ViT-B/16, 224 px, batch 8, CPU, random weights
+    python perf/reference_cost.py --repeats 4      # ViT-B/16, 224 px, batch 8, CPU, random weights
 """
 
 from __future__ import annotations
