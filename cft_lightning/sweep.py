@@ -33,7 +33,6 @@ W&B, to a W&B summary run of the group; `<out>/ablation.png` plots the sweep's m
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import itertools
@@ -48,11 +47,12 @@ from typing import Any
 import yaml
 
 from cft_lightning._io import atomic_write
-from cft_lightning.errors import DataError
+from cft_lightning._tool_cli import Tool
+from cft_lightning.errors import CommandFailed, DataError
 from cft_lightning.sweep_figure import ablation_plot, is_finite_number, short_value
 from cft_lightning.tracking import ensure_wandb_mode, find_run_summary
 
-__all__ = ["SweepRun", "expand_grid", "load_sweep", "main", "render_command", "run_sweep"]
+__all__ = ["TOOL", "SweepRun", "expand_grid", "load_sweep", "main", "render_command", "run_sweep", "sweep_command"]
 
 SweepRun = dict[str, Any]
 
@@ -310,26 +310,34 @@ def _log_to_wandb(record: dict[str, Any], out_dir: Path, png: Path | None) -> No
     run.finish()
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="cft sweep", description="Run a W&B sweep file's grid locally, one process per run, and print the "
-        "ablation table. Options after the file (--key=value) go to every run.")
-    p.add_argument("file", help="sweep YAML (W&B format), e.g. configs/sweeps/table7_relevance.yaml")
-    p.add_argument("--out", default=None, help="output folder (default: runs/sweeps/<sweep name>)")
-    p.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
-    p.add_argument("--max_runs", type=int, default=None, help="only the first N grid points (default: all)")
-    return p
+def sweep_command(file: str, out: str | None = None, dry_run: bool = False, max_runs: int | None = None,
+                  run_args: list[str] | None = None) -> None:
+    """Run a W&B sweep file's grid locally, one process per run, and print the ablation table. Options after the
+    file (--key=value) go to every run.
+
+    Args:
+        file: sweep YAML (W&B format), e.g. configs/sweeps/table7_relevance.yaml
+        out: output folder (null: runs/sweeps/<sweep name>)
+        dry_run: print the commands, run nothing
+        max_runs: only the first N grid points (null: all)
+        run_args: options added to every run's command, e.g. [--trainer.max_epochs=1]; the command line's
+            --key=value options are appended to it
+    """
+    record = run_sweep(file, out, dry_run, max_runs, run_args)
+    failed = [r["run"] for r in record["runs"] if str(r.get("status", "")).startswith("failed")]
+    if failed:
+        raise CommandFailed(f"cft sweep: {len(failed)} of {len(record['runs'])} run(s) failed: {', '.join(failed)} "
+                            "(logs: <run folder>/sweep_run.log)")
+
+
+TOOL = Tool(sweep_command, prog="cft sweep", positional=True)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of `cft sweep`."""
-    args, extra = _parser().parse_known_args(argv)
-    if extra and extra[0] == "--":
-        extra = extra[1:]
+    """Entry point of `cft sweep`: the sweep's own options (or --config YAML), every other --key=value to the
+    runs."""
+    own, extra = TOOL.split(list(sys.argv[1:] if argv is None else argv))
     bad = [a for a in extra if not a.startswith("--")]
     if bad:
         raise DataError(f"cft sweep: unexpected argument(s) {bad}; pass extra run options as --key=value")
-    record = run_sweep(args.file, args.out, args.dry_run, args.max_runs, extra)
-    failed = [r["run"] for r in record["runs"] if str(r.get("status", "")).startswith("failed")]
-    if failed:
-        raise SystemExit(f"cft sweep: {len(failed)} run(s) failed: {', '.join(failed)}")
+    TOOL([*own, *(f"--run_args+={a}" for a in extra)])

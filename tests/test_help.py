@@ -4,6 +4,7 @@ help comes back without importing Lightning, and every flag says what it does an
 from __future__ import annotations
 
 import argparse
+import importlib
 import subprocess
 import sys
 
@@ -13,21 +14,24 @@ from cft_lightning.cli import COMMANDS, TOOLS, main, usage
 
 
 def tool_parsers() -> dict[str, argparse.ArgumentParser]:
-    """Every argparse parser of a `cft` tool, subcommands included."""
-    from cft_lightning.concepts.discovery import _parser as concepts
-    from cft_lightning.concepts.validate import _parser as validate
-    from cft_lightning.critique.cli import _parser as critique
-    from cft_lightning.demo import _parser as demo
-    from cft_lightning.explain import _parser as explain
-    from cft_lightning.masks.cli import _parser as masks
-    from cft_lightning.sweep import _parser as sweep
-
-    parsers = {"demo": demo(), "explain": explain(), "concepts": concepts(), "concepts validate": validate(),
-               "critique": critique(), "sweep": sweep()}
-    for action in masks()._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            parsers.update({f"masks {name}": sub for name, sub in action.choices.items()})
+    """Every parser of a `cft` tool, subcommands included: a tool module's `TOOL` (`_tool_cli`, jsonargparse),
+    else its argparse `_parser()`."""
+    modules = {**TOOLS, "concepts validate": "cft_lightning.concepts.validate"}
+    parsers = {}
+    for name, module_name in modules.items():
+        module = importlib.import_module(module_name)
+        parser = module.TOOL.parser() if hasattr(module, "TOOL") else module._parser()
+        subcommands = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        for action in subcommands:
+            parsers.update({f"{name} {sub}": subparser for sub, subparser in action.choices.items()})
+        if not subcommands:
+            parsers[name] = parser
     return parsers
+
+
+def test_every_tool_is_listed():
+    assert {"demo", "explain", "concepts", "concepts validate", "critique", "sweep", "masks import",
+            "masks generate"} <= set(tool_parsers())
 
 
 def test_cft_help_lists_every_command(capsys: pytest.CaptureFixture):
@@ -55,8 +59,9 @@ def test_every_flag_has_help_with_its_default(name: str):
             continue
         flag = action.option_strings[-1]
         assert action.help and len(action.help) > 10, f"cft {name} {flag}: no help"
+        shown = parser._get_formatter()._expand_help(action)  # the text `--help` prints for the flag
         shows_default = action.default in (None, False, argparse.SUPPRESS) or action.required
-        assert shows_default or "default" in action.help, f"cft {name} {flag}: help does not give the default"
+        assert shows_default or "default" in shown, f"cft {name} {flag}: help does not give the default"
 
 
 def test_concepts_help_mentions_validate(capsys: pytest.CaptureFixture):

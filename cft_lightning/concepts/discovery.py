@@ -20,7 +20,6 @@ concept (default: all of them), naming the ones that did not.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -28,12 +27,14 @@ import re
 from pathlib import Path
 from typing import Any
 
+from cft_lightning._tool_cli import Tool
 from cft_lightning.concepts.bank import FORMAT, load_concept_bank, write_concept_bank
 from cft_lightning.concepts.filters import Embedder, filter_concepts, sentence_transformer_embedder
 from cft_lightning.concepts.llm import CachedChat, ChatRefusal
 from cft_lightning.errors import ChatError, ChatUnavailable, CommandFailed, DataError
 
-__all__ = ["PROMPTS", "discover", "load_classes", "load_concept_bank", "main", "parse_list"]
+__all__ = ["PROMPTS", "TOOL", "concepts_command", "discover", "load_classes", "load_concept_bank", "main",
+           "parse_list"]
 
 log = logging.getLogger(__name__)
 
@@ -163,43 +164,79 @@ def discover(classes: dict[str, str], chat: CachedChat, embed: Embedder | None, 
     }
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="cft concepts", description="Discover concepts per class with an LLM (Label-Free CBM prompts and "
-        "filters; the CFT paper uses gpt-4o-mini).",
-        epilog="Then: `cft concepts validate --bank BANK --images FOLDER --out VALIDATED` keeps the concepts "
-        "the grounding models find often and on the object (the paper's occurrence and coverage filters; "
-        "`cft concepts validate --help`), and `cft masks generate` grounds them in every training image.")
-    p.add_argument("--classes", required=True, help="'imagenet' or a file: one class per line ('id<TAB>name' or name)")
-    p.add_argument("--out", required=True, help="concept bank JSON to write")
-    p.add_argument("--model", default="gpt-4o-mini", help="chat model (default: %(default)s, as the CFT paper)")
-    p.add_argument("--base_url", default=None, help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 "
-                   "(default: $OPENAI_BASE_URL, else the OpenAI API)")
-    p.add_argument("--api_key_env", default="OPENAI_API_KEY",
-                   help="environment variable with the API key (default: %(default)s; never written anywhere)")
-    p.add_argument("--cache", default=None, help="answer cache folder (default: <out>.cache)")
-    p.add_argument("--samples", type=int, default=2,
-                   help="answers per prompt type and class (default: %(default)s, LF-CBM's)")
-    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default: %(default)s, "
-                   "LF-CBM's)")
-    p.add_argument("--max_length", type=int, default=30,
-                   help="longest concept in characters (default: %(default)s, LF-CBM's)")
-    p.add_argument("--class_similarity", type=float, default=0.85,
-                   help="drop concepts this similar to a class name (default: %(default)s, LF-CBM's)")
-    p.add_argument("--duplicate_similarity", type=float, default=0.9,
-                   help="drop concepts this similar to one already kept (default: %(default)s, LF-CBM's)")
-    p.add_argument("--embedder", default="all-MiniLM-L6-v2",
-                   help="sentence-transformers model for the similarity filters, or 'none' to skip them "
-                   "(default: %(default)s)")
-    p.add_argument("--min_success", type=float, default=1.0,
-                   help="fraction of the classes that must get at least one concept, else exit 1 after writing "
-                   "the bank (default: %(default)s, every class; answers are cached, so a rerun asks only again)")
-    p.add_argument("--no_progress", action="store_true", help="no progress bar")
-    return p
+def concepts_command(
+    classes: str,
+    out: str,
+    model: str = "gpt-4o-mini",
+    base_url: str | None = None,
+    api_key_env: str = "OPENAI_API_KEY",
+    cache: str | None = None,
+    samples: int = 2,
+    temperature: float = 0.7,
+    max_length: int = 30,
+    class_similarity: float = 0.85,
+    duplicate_similarity: float = 0.9,
+    embedder: str = "all-MiniLM-L6-v2",
+    min_success: float = 1.0,
+    no_progress: bool = False,
+) -> None:
+    """Discover concepts per class with an LLM (Label-Free CBM prompts and filters; the CFT paper uses
+    gpt-4o-mini).
+
+    Args:
+        classes: 'imagenet' or a file: one class per line ('id<TAB>name' or name)
+        out: concept bank JSON to write
+        model: chat model (gpt-4o-mini: the CFT paper's)
+        base_url: OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (null: $OPENAI_BASE_URL, else the
+            OpenAI API)
+        api_key_env: environment variable with the API key (never written anywhere)
+        cache: answer cache folder (null: <out>.cache)
+        samples: answers per prompt type and class (2: LF-CBM's)
+        temperature: sampling temperature (0.7: LF-CBM's)
+        max_length: longest concept in characters (30: LF-CBM's)
+        class_similarity: drop concepts this similar to a class name (0.85: LF-CBM's)
+        duplicate_similarity: drop concepts this similar to one already kept (0.9: LF-CBM's)
+        embedder: sentence-transformers model for the similarity filters, or 'none' to skip them
+        min_success: fraction of the classes that must get at least one concept, else exit 1 after writing the
+            bank (1.0: every class; answers are cached, so a rerun asks only the failed ones again)
+        no_progress: no progress bar
+    """
+    if not 0.0 <= min_success <= 1.0:
+        raise DataError(f"--min_success must be a fraction in [0, 1], got {min_success}")
+    class_names = load_classes(classes)
+    path = Path(out)
+    chat = CachedChat(model, cache or f"{path}.cache", base_url=base_url, api_key_env=api_key_env,
+                      temperature=temperature)
+    embed = None if embedder == "none" else sentence_transformer_embedder(embedder)
+    doc = discover(class_names, chat, embed, samples, max_length=max_length, class_similarity=class_similarity,
+                   duplicate_similarity=duplicate_similarity, progress=not no_progress)
+    doc["provenance"]["embedder"] = embedder
+    write_concept_bank(path, doc)
+    usage = chat.usage
+    kept = sum(len(v) for v in doc["concepts"].values())
+    n = max(len(doc["concepts"]), 1)
+    spent = usage["prompt_tokens"] + usage["completion_tokens"]
+    print(f"cft concepts: {kept} concepts for {len(doc['concepts'])} classes in {path} "
+          f"({usage['calls']} calls, {usage['cached']} cached, {usage['prompt_tokens']} + "
+          f"{usage['completion_tokens']} tokens, {spent / n:.0f} per class; per class in provenance.counts; "
+          f"{len(doc['provenance']['failed'])} class(es) failed)")
+    without = [c for c in class_names if not doc["concepts"].get(c)]
+    if len(class_names) - len(without) < min_success * len(class_names) or len(without) == len(class_names):
+        failed = doc["provenance"]["failed"]
+        examples = "; ".join(f"{c}: {failed.get(c, 'no concept survived the filters')}" for c in without[:3])
+        raise CommandFailed(f"{len(without)} of {len(class_names)} classes have no concept in {path} (e.g. "
+                            f"{examples}); --min_success is {min_success:g}. A rerun asks only the failed ones "
+                            "again (answers are cached); lower --min_success to accept the bank as it is")
+
+
+TOOL = Tool(concepts_command, prog="cft concepts", epilog=(
+    "Then: `cft concepts validate --bank BANK --images FOLDER --out VALIDATED` keeps the concepts the grounding "
+    "models find often and on the object (the paper's occurrence and coverage filters; `cft concepts validate "
+    "--help`), and `cft masks generate` grounds them in every training image."))
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of `cft concepts` (and `cft concepts validate`)."""
+    """Entry point of `cft concepts` (and `cft concepts validate`): flags, or a YAML file with --config."""
     if argv and argv[0] == "validate":
         # one-way (validate.py reads the bank through bank.py, never this module); imported here so that
         # `cft concepts --help` does not load numpy and the mask store
@@ -207,31 +244,4 @@ def main(argv: list[str] | None = None) -> None:
 
         validate_main(argv[1:])
         return
-    args = _parser().parse_args(argv)
-    if not 0.0 <= args.min_success <= 1.0:
-        raise DataError(f"--min_success must be a fraction in [0, 1], got {args.min_success}")
-    classes = load_classes(args.classes)
-    out = Path(args.out)
-    chat = CachedChat(args.model, args.cache or f"{out}.cache", base_url=args.base_url, api_key_env=args.api_key_env,
-                      temperature=args.temperature)
-    embed = None if args.embedder == "none" else sentence_transformer_embedder(args.embedder)
-    doc = discover(classes, chat, embed, args.samples, max_length=args.max_length,
-                   class_similarity=args.class_similarity, duplicate_similarity=args.duplicate_similarity,
-                   progress=not args.no_progress)
-    doc["provenance"]["embedder"] = args.embedder
-    write_concept_bank(out, doc)
-    usage = chat.usage
-    kept = sum(len(v) for v in doc["concepts"].values())
-    n = max(len(doc["concepts"]), 1)
-    spent = usage["prompt_tokens"] + usage["completion_tokens"]
-    print(f"cft concepts: {kept} concepts for {len(doc['concepts'])} classes in {out} "
-          f"({usage['calls']} calls, {usage['cached']} cached, {usage['prompt_tokens']} + "
-          f"{usage['completion_tokens']} tokens, {spent / n:.0f} per class; per class in provenance.counts; "
-          f"{len(doc['provenance']['failed'])} class(es) failed)")
-    without = [c for c in classes if not doc["concepts"].get(c)]
-    if len(classes) - len(without) < args.min_success * len(classes) or len(without) == len(classes):
-        failed = doc["provenance"]["failed"]
-        examples = "; ".join(f"{c}: {failed.get(c, 'no concept survived the filters')}" for c in without[:3])
-        raise CommandFailed(f"{len(without)} of {len(classes)} classes have no concept in {out} (e.g. {examples}); "
-                            f"--min_success is {args.min_success:g}. A rerun asks only the failed ones again "
-                            "(answers are cached); lower --min_success to accept the bank as it is")
+    TOOL(argv)

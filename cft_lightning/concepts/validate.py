@@ -18,20 +18,21 @@ masks up in the embedded benchmark, the Grounded-SAM grounder runs the models.
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
 from cft_lightning._io import file_sha256
+from cft_lightning._tool_cli import Tool
 from cft_lightning.concepts.bank import FORMAT, load_concept_bank, write_concept_bank
 from cft_lightning.data.mask_store import MaskStore
 from cft_lightning.errors import DataError
+from cft_lightning.masks.grounding_options import GROUNDING, GroundingOptions
 
-__all__ = ["Grounder", "OracleGrounder", "validate_bank"]
+__all__ = ["TOOL", "Grounder", "OracleGrounder", "images_by_class", "main", "validate_bank", "validate_command"]
 
 
 class Grounder(Protocol):
@@ -112,55 +113,63 @@ def images_by_class(root: str | os.PathLike[str]) -> dict[str, list[str]]:
     return {cls: list(rels) for cls, rels in scan_image_folder(Path(root)).items()}
 
 
-def _parser() -> argparse.ArgumentParser:
-    from cft_lightning.masks.grounding_options import add_grounding_options
+def validate_command(
+    bank: str,
+    images: str,
+    out: str,
+    grounder: Literal["grounded_sam", "oracle"] = "grounded_sam",
+    masks: str | None = None,
+    grounding: GroundingOptions = GROUNDING,
+    device: str = "cpu",
+    per_class: int = 30,
+    occurrence: float = 0.15,
+    coverage: float = 0.2,
+    seed: int = 0,
+) -> None:
+    """Occurrence and coverage validation of a concept bank (the CFT paper: P = 30 images per class).
 
-    p = argparse.ArgumentParser(prog="cft concepts validate", description="Occurrence and coverage "
-                                "validation of a concept bank (the CFT paper: P = 30 images per class).")
-    p.add_argument("--bank", required=True, help="concept bank JSON (from `cft concepts`)")
-    p.add_argument("--images", required=True, help="image folder (<class>/<image>) the P images are drawn from")
-    p.add_argument("--grounder", default="grounded_sam", choices=["grounded_sam", "oracle"],
-                   help="grounded_sam: GroundingDINO + SAM (as `cft masks generate`); oracle: masks looked up in "
-                   "--masks (the embedded benchmark) (default: %(default)s)")
-    p.add_argument("--masks", help="mask store of the oracle grounder")
-    add_grounding_options(p)
-    p.add_argument("--device", default="cpu", help="device of the grounding models, e.g. cuda (default: %(default)s)")
-    p.add_argument("--out", required=True, help="validated bank JSON")
-    p.add_argument("--per_class", type=int, default=30,
-                   help="P, images per class (default: %(default)s, the paper's)")
-    p.add_argument("--occurrence", type=float, default=0.15,
-                   help="minimum occurrence rate (default: %(default)s, the paper's)")
-    p.add_argument("--coverage", type=float, default=0.2,
-                   help="minimum class coverage IoU (default: %(default)s, the paper's)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the draw of P images (default: %(default)s)")
-    return p
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Entry point of `cft concepts validate`."""
-    args = _parser().parse_args(argv)
-    if args.grounder == "oracle" and not args.masks:
+    Args:
+        bank: concept bank JSON (from `cft concepts`)
+        images: image folder (<class>/<image>) the P images are drawn from
+        out: validated bank JSON to write
+        grounder: grounded_sam: GroundingDINO + SAM (as `cft masks generate`); oracle: masks looked up in
+            --masks (the embedded benchmark)
+        masks: mask store of the oracle grounder
+        grounding: the Grounded-SAM models and thresholds (flags --detector, --segmenter, ...)
+        device: device of the grounding models, e.g. cuda
+        per_class: P, images per class (30: the paper's)
+        occurrence: minimum occurrence rate (0.15: the paper's)
+        coverage: minimum class coverage IoU (0.2: the paper's)
+        seed: seed of the draw of P images
+    """
+    if grounder == "oracle" and not masks:
         raise DataError("--grounder oracle needs --masks (a mask store with per-concept and object masks)")
-    bank = load_concept_bank(args.bank)
-    if args.grounder == "oracle":
-        grounder: Grounder = OracleGrounder(args.masks)
+    concepts = load_concept_bank(bank)
+    if grounder == "oracle":
+        ground: Grounder = OracleGrounder(masks)
     else:
         from cft_lightning.masks.grounded_sam import GroundedSAM
 
-        grounder = GroundedSAM(args.images, args.detector, args.segmenter, args.box_threshold, args.text_threshold,
-                               device=args.device)
-    validated, report = validate_bank(bank, images_by_class(args.images), grounder,
-                                      per_class=args.per_class, occurrence=args.occurrence,
-                                      coverage=args.coverage, seed=args.seed)
+        ground = GroundedSAM(images, grounding.detector, grounding.segmenter, grounding.box_threshold,
+                             grounding.text_threshold, device=device)
+    validated, report = validate_bank(concepts, images_by_class(images), ground, per_class=per_class,
+                                      occurrence=occurrence, coverage=coverage, seed=seed)
+    models = {"detector": grounding.detector, "segmenter": grounding.segmenter,
+              "box_threshold": grounding.box_threshold, "text_threshold": grounding.text_threshold}
     doc = {"format": FORMAT, "concepts": validated, "provenance": {
-        "source_bank": {"path": str(Path(args.bank).resolve()),
-                        "sha256": file_sha256(args.bank)},
-        "validation": {"grounder": args.grounder, **({"detector": args.detector, "segmenter": args.segmenter,
-                       "box_threshold": args.box_threshold, "text_threshold": args.text_threshold}
-                       if args.grounder == "grounded_sam" else {}),
-                       "per_class": args.per_class, "occurrence": args.occurrence,
-                       "coverage": args.coverage, "seed": args.seed},
+        "source_bank": {"path": str(Path(bank).resolve()), "sha256": file_sha256(bank)},
+        "validation": {"grounder": grounder, **(models if grounder == "grounded_sam" else {}),
+                       "per_class": per_class, "occurrence": occurrence, "coverage": coverage, "seed": seed},
         "report": report}}
-    write_concept_bank(args.out, doc)
-    before, after = sum(map(len, bank.values())), sum(map(len, validated.values()))
-    print(f"cft concepts validate: kept {after} of {before} concepts; report in {args.out}")
+    write_concept_bank(out, doc)
+    before, after = sum(map(len, concepts.values())), sum(map(len, validated.values()))
+    print(f"cft concepts validate: kept {after} of {before} concepts; report in {out}")
+
+
+TOOL = Tool(validate_command, prog="cft concepts validate", flatten=("grounding",))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of `cft concepts validate` (flags, or a YAML file with --config: `cft concepts validate
+    --help`)."""
+    TOOL(argv)

@@ -2,51 +2,80 @@
 
     cft masks import --format imagenet-s --src ImageNet-S/train-semi-segmentation --out data/masks/imagenet
     cft masks import --format binary --src my_masks/ --kind concept --out data/masks/mine
-    cft masks generate --images data/imagenet/train --concepts validated.json --out data/masks/imagenet \
+    cft masks generate --images data/imagenet/train --concepts validated.json --out data/masks/imagenet \\
         --accelerator gpu --devices 8 --num_nodes 2
+
+Each subcommand also reads its options from YAML (`--config FILE`) and prints them (`--print_config`).
 """
 
 from __future__ import annotations
 
-import argparse
+from typing import Literal
 
-from cft_lightning.errors import CommandFailed
-from cft_lightning.masks.grounding_options import add_grounding_options
+from cft_lightning._tool_cli import Subcommands, Tool
+from cft_lightning.errors import CommandFailed, DataError
+from cft_lightning.masks.grounding_options import GROUNDING, GroundingOptions
 from cft_lightning.masks.importers import import_binary_masks, import_imagenet_s
 
-__all__ = ["main"]
+__all__ = ["TOOL", "generate_command", "import_command", "main"]
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cft masks", description="Build the mask store.")
-    sub = p.add_subparsers(dest="command", required=True)
-    imp = sub.add_parser("import", help="import existing masks (ImageNet-S PNGs, or binary PNGs) into a store")
-    imp.add_argument("--format", required=True, choices=["imagenet-s", "binary"],
-                     help="imagenet-s: ImageNet-S class-index PNGs (object masks); binary: one 0/255 PNG per image")
-    imp.add_argument("--src", required=True, help="folder of PNG masks, laid out like the images (<class>/<name>.png)")
-    imp.add_argument("--out", required=True, help="mask store root")
-    imp.add_argument("--kind", default=None, help="mask kind (default: object for imagenet-s; required for binary)")
-    imp.add_argument("--overwrite", action="store_true", help="replace masks that exist (default: keep them)")
-    imp.add_argument("--no_progress", action="store_true", help="no progress bar")
-    gen = sub.add_parser("generate", help="ground every concept of each image's class (GroundingDINO + SAM)")
-    gen.add_argument("--images", required=True, help="image folder (<class>/<image>)")
-    gen.add_argument("--concepts", required=True, help="concept bank JSON (`cft concepts`, validated or not)")
-    gen.add_argument("--out", required=True, help="mask store root")
-    gen.add_argument("--grounder", default="grounded_sam", choices=["grounded_sam", "oracle"],
-                     help="grounded_sam: the models; oracle: masks looked up in --oracle_masks (embedded "
-                     "benchmark) (default: %(default)s)")
-    gen.add_argument("--oracle_masks", help="mask store of the oracle grounder")
-    add_grounding_options(gen)
-    gen.add_argument("--batch_size", type=int, default=8, help="images per predict step (default: %(default)s)")
-    gen.add_argument("--accelerator", default="auto",
-                     help="Lightning accelerator: cpu, gpu, auto (default: %(default)s)")
-    gen.add_argument("--devices", default="auto", help="devices per node, a number or auto (default: %(default)s)")
-    gen.add_argument("--num_nodes", type=int, default=1, help="nodes (default: %(default)s)")
-    gen.add_argument("--no_progress", action="store_true", help="no progress bar")
-    return p
+def import_command(
+    format: Literal["imagenet-s", "binary"],
+    src: str,
+    out: str,
+    kind: str | None = None,
+    overwrite: bool = False,
+    no_progress: bool = False,
+) -> None:
+    """Import existing masks (ImageNet-S PNGs, or binary PNGs) into a store.
+
+    Args:
+        format: imagenet-s: ImageNet-S class-index PNGs (object masks); binary: one 0/255 PNG per image
+        src: folder of PNG masks, laid out like the images (<class>/<name>.png)
+        out: mask store root
+        kind: mask kind (null: object for imagenet-s; required for binary)
+        overwrite: replace masks that exist (false: keep them)
+        no_progress: no progress bar
+    """
+    if format == "imagenet-s":
+        counts = import_imagenet_s(src, out, kind or "object", overwrite, not no_progress)
+    else:
+        if not kind:
+            raise DataError("cft masks import --format binary needs --kind (e.g. concept, object, critic)")
+        counts = import_binary_masks(src, out, kind, overwrite, not no_progress)
+    print(f"cft masks import: {counts['written']} written, {counts['skipped']} kept (already there), "
+          f"{counts['empty']} empty, into {out}")
 
 
-def _generate(args: argparse.Namespace) -> None:
+def generate_command(
+    images: str,
+    concepts: str,
+    out: str,
+    grounder: Literal["grounded_sam", "oracle"] = "grounded_sam",
+    oracle_masks: str | None = None,
+    grounding: GroundingOptions = GROUNDING,
+    batch_size: int = 8,
+    accelerator: str = "auto",
+    devices: int | str = "auto",
+    num_nodes: int = 1,
+    no_progress: bool = False,
+) -> None:
+    """Ground every concept of each image's class (GroundingDINO + SAM).
+
+    Args:
+        images: image folder (<class>/<image>)
+        concepts: concept bank JSON (`cft concepts`, validated or not)
+        out: mask store root
+        grounder: grounded_sam: the models; oracle: masks looked up in --oracle_masks (embedded benchmark)
+        oracle_masks: mask store of the oracle grounder
+        grounding: the Grounded-SAM models and thresholds (flags --detector, --segmenter, ...)
+        batch_size: images per predict step
+        accelerator: Lightning accelerator: cpu, gpu, auto
+        devices: devices per node, a number or auto
+        num_nodes: number of nodes (machines)
+        no_progress: no progress bar
+    """
     import json
     from pathlib import Path
 
@@ -57,54 +86,48 @@ def _generate(args: argparse.Namespace) -> None:
     from cft_lightning.data.mask_store import MaskStore
     from cft_lightning.masks.predict import MaskGeneration, generation_loader
 
-    bank = load_concept_bank(args.concepts)
-    MaskStore(args.out).check_concept_bank(args.concepts)  # masks of two banks are never mixed in one store
-    images = {cls: rels for cls, rels in images_by_class(args.images).items() if cls in bank}
-    if not images:
-        raise ValueError(f"--images {args.images} has no class folder named in {args.concepts}")
-    if args.grounder == "oracle":
-        if not args.oracle_masks:
-            raise ValueError("--grounder oracle needs --oracle_masks")
-        grounder = OracleGrounder(args.oracle_masks)
+    bank = load_concept_bank(concepts)
+    MaskStore(out).check_concept_bank(concepts)  # masks of two banks are never mixed in one store
+    found_images = {cls: rels for cls, rels in images_by_class(images).items() if cls in bank}
+    if not found_images:
+        raise DataError(f"--images {images} has no class folder named in {concepts}")
+    if grounder == "oracle":
+        if not oracle_masks:
+            raise DataError("--grounder oracle needs --oracle_masks")
+        ground = OracleGrounder(oracle_masks)
     else:
         from cft_lightning.masks.grounded_sam import GroundedSAM
 
-        grounder = GroundedSAM(args.images, args.detector, args.segmenter, args.box_threshold, args.text_threshold)
-    devices = int(args.devices) if str(args.devices).isdigit() else args.devices
-    trainer = L.Trainer(accelerator=args.accelerator, devices=devices, num_nodes=args.num_nodes, logger=False,
-                        enable_progress_bar=not args.no_progress, enable_model_summary=False,
-                        default_root_dir=args.out)
-    trainer.predict(MaskGeneration(grounder, bank, args.out), generation_loader(images, args.batch_size),
+        ground = GroundedSAM(images, grounding.detector, grounding.segmenter, grounding.box_threshold,
+                             grounding.text_threshold)
+    trainer = L.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, logger=False,
+                        enable_progress_bar=not no_progress, enable_model_summary=False, default_root_dir=out)
+    trainer.predict(MaskGeneration(ground, bank, out), generation_loader(found_images, batch_size),
                     return_predictions=False)
     if trainer.is_global_zero:
-        MaskStore(args.out).update_manifest(
-            kinds=["concept", "object"], concept_bank=args.concepts,
-            models={"grounder": args.grounder, **({"detector": args.detector, "segmenter": args.segmenter}
-                                                  if args.grounder == "grounded_sam" else {})},
-            thresholds={"box": args.box_threshold, "text": args.text_threshold})
-        records = [json.loads(line) for log in sorted(Path(args.out, "logs").glob("*.jsonl"))
+        MaskStore(out).update_manifest(
+            kinds=["concept", "object"], concept_bank=concepts,
+            models={"grounder": grounder, **({"detector": grounding.detector, "segmenter": grounding.segmenter}
+                                             if grounder == "grounded_sam" else {})},
+            thresholds={"box": grounding.box_threshold, "text": grounding.text_threshold})
+        records = [json.loads(line) for log in sorted(Path(out, "logs").glob("*.jsonl"))
                    for line in log.read_text().splitlines()]
         done = {r["image"] for r in records if not r["skipped"]}  # over this run and the ones it resumed
         empty = sum(bool(r.get("empty")) for r in records if not r["skipped"])
         found = [r["concepts_found"] for r in records if not r["skipped"]]
         mean = sum(found) / len(found) if found else 0.0
-        print(f"cft masks generate: {sum(map(len, images.values()))} images, {len(done)} written so far, "
-              f"{mean:.2f} concepts found per image, {empty} empty concept mask(s); logs in {args.out}/logs")
+        print(f"cft masks generate: {sum(map(len, found_images.values()))} images, {len(done)} written so far, "
+              f"{mean:.2f} concepts found per image, {empty} empty concept mask(s); logs in {out}/logs")
         if not done:
-            raise CommandFailed(f"cft masks generate wrote no mask into {args.out} (logs in {args.out}/logs)")
+            raise CommandFailed(f"cft masks generate wrote no mask into {out} (logs in {out}/logs)")
+
+
+TOOL = Subcommands("cft masks", "Build the mask store.", {
+    "import": Tool(import_command, prog="cft masks import"),
+    "generate": Tool(generate_command, prog="cft masks generate", flatten=("grounding",)),
+})
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of `cft masks`."""
-    args = _parser().parse_args(argv)
-    if args.command == "generate":
-        _generate(args)
-        return
-    if args.format == "imagenet-s":
-        counts = import_imagenet_s(args.src, args.out, args.kind or "object", args.overwrite, not args.no_progress)
-    else:
-        if not args.kind:
-            raise ValueError("cft masks import --format binary needs --kind (e.g. concept, object, critic)")
-        counts = import_binary_masks(args.src, args.out, args.kind, args.overwrite, not args.no_progress)
-    print(f"cft masks import: {counts['written']} written, {counts['skipped']} kept (already there), "
-          f"{counts['empty']} empty, into {args.out}")
+    TOOL(argv)

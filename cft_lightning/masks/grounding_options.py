@@ -1,21 +1,34 @@
-"""The Grounded-SAM options shared by `cft masks generate` and `cft concepts validate` (one place, one default)."""
+"""The Grounded-SAM options shared by `cft masks generate` and `cft concepts validate` (one place, one default).
+
+Both commands take a `GroundingOptions` parameter that `_tool_cli.Tool(flatten=("grounding",))` turns into the
+top-level flags `--detector`, `--segmenter`, `--box_threshold` and `--text_threshold`.
+"""
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
 
-__all__ = ["DETECTOR", "SEGMENTER", "add_grounding_options"]
+__all__ = ["DETECTOR", "GROUNDING", "SEGMENTER", "GroundingOptions"]
 
 DETECTOR = "IDEA-Research/grounding-dino-base"
 SEGMENTER = "facebook/sam-vit-base"
 
 
-def add_grounding_options(parser: argparse.ArgumentParser) -> None:
-    """--detector, --segmenter, --box_threshold, --text_threshold, with their defaults."""
-    parser.add_argument("--detector", default=DETECTOR,
-                        help="GroundingDINO: hub id or local folder (default: %(default)s)")
-    parser.add_argument("--segmenter", default=SEGMENTER, help="SAM: hub id or local folder (default: %(default)s)")
-    parser.add_argument("--box_threshold", type=float, default=0.35,
-                        help="GroundingDINO box score threshold (default: %(default)s)")
-    parser.add_argument("--text_threshold", type=float, default=0.25,
-                        help="GroundingDINO text score threshold (default: %(default)s)")
+@dataclass(frozen=True)
+class GroundingOptions:
+    """The GroundingDINO + SAM models and thresholds (the CFT paper's Grounded-SAM setup).
+
+    Args:
+        detector: GroundingDINO: hub id or local folder
+        segmenter: SAM: hub id or local folder
+        box_threshold: GroundingDINO box score threshold
+        text_threshold: GroundingDINO text score threshold
+    """
+
+    detector: str = DETECTOR
+    segmenter: str = SEGMENTER
+    box_threshold: float = 0.35
+    text_threshold: float = 0.25
+
+
+GROUNDING = GroundingOptions()  # the defaults, as a parameter default
