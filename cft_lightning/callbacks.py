@@ -27,7 +27,6 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
-from cft_lightning.errors import DataError
 from cft_lightning.tracking import run_dir
 
 __all__ = ["PredictionWriter", "RelevanceOverlays"]
@@ -123,34 +122,20 @@ class RelevanceOverlays(Callback):
                 rank_zero_warn("RelevanceOverlays: the model has no relevance method (model.relevance); no overlays")
                 self._warned = True
             return
-        from cft_lightning.evaluation.plots import class_labels, denormalize, overlay_grid
+        from cft_lightning.evaluation.overlays import explain_models, save_overlays
+        from cft_lightning.evaluation.test_plan import plan_of
         from cft_lightning.models.backbone import resolve_data_config
         from cft_lightning.tracking import log_images
 
+        plan = plan_of(trainer.datamodule)  # the data's class names and normalisation
+        config = plan.data_config if plan is not None and plan.data_config is not None else \
+            resolve_data_config(pl_module.backbone)
         images = batch["image"][: self.num_images].detach()
-        models = {"original": getattr(pl_module, "_reference", None), "fine_tuned": pl_module.backbone}
         labels = batch["label"][: self.num_images]
-        maps, predictions = {}, {}
-        try:
-            names = getattr(trainer.datamodule, "class_names", None)
-        except (AttributeError, DataError):  # no datamodule or no class list: classes by index
-            names = None
-        for name, model in models.items():
-            if model is None:
-                continue
-            was_training = model.training
-            model.eval()
-            try:
-                with torch.enable_grad():
-                    rel = relevance(model, images, labels, differentiable=False)
-            finally:
-                model.train(was_training)
-            maps[name] = rel.maps.cpu()
-            predictions[name] = class_labels(rel.logits.argmax(1).cpu(), names)
-        config = resolve_data_config(pl_module.backbone)
-        path = overlay_grid(denormalize(images, config["mean"], config["std"]), None, maps,
-                            Path(directory) / "overlays" / f"step_{step:06d}.png",
-                            true_classes=class_labels(labels.cpu(), names), predictions=predictions)
+        models = {"original": getattr(pl_module, "reference", None), "fine_tuned": pl_module.backbone}
+        explained = explain_models(models, relevance, images, labels)
+        path = save_overlays(Path(directory) / "overlays" / f"step_{step:06d}.png", images, config, explained,
+                             class_names=None if plan is None else plan.class_names, labels=labels)
         self.written.append(str(path))
         from PIL import Image
 

@@ -187,13 +187,13 @@ def explain(models: dict[str, nn.Module], method: RelevanceMethod, images: list[
     """Explain every image with every model, write one overlay PNG per image and return the records.
     `data_config`: the evaluation transform's timm data config (None: the first model's own); `class_names`:
     the labels' names (None: indices)."""
-    import numpy as np
     import torch
     from rich.progress import track
 
     from cft_lightning.data.image_folder import load_image
     from cft_lightning.data.transforms import JointTransform
-    from cft_lightning.evaluation.plots import class_labels, overlay_grid
+    from cft_lightning.evaluation.overlays import explain_models, rows_of, save_overlays
+    from cft_lightning.evaluation.plots import class_labels
     from cft_lightning.models.backbone import resolve_data_config
 
     first = next(iter(models.values()))
@@ -201,8 +201,6 @@ def explain(models: dict[str, nn.Module], method: RelevanceMethod, images: list[
         method.check_model(m)
     config = dict(data_config) if data_config is not None else resolve_data_config(first)
     transform = JointTransform(config, train=False)
-    mean = torch.tensor(config["mean"]).view(3, 1, 1)
-    std = torch.tensor(config["std"]).view(3, 1, 1)
     records: list[dict[str, Any]] = []
     batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
     for chunk in track(batches, description="explaining", disable=not progress):
@@ -214,24 +212,21 @@ def explain(models: dict[str, nn.Module], method: RelevanceMethod, images: list[
             shown.append(tmasks.get(mask_kind))
         batch = torch.stack(tensors)
         targets = None if target == "pred" else torch.full((len(chunk),), int(target), dtype=torch.long)
-        maps, preds, explained = {}, {}, {}
-        for name, model in models.items():
-            rel = method(model, batch, targets, differentiable=False)
-            maps[name], preds[name], explained[name] = rel.maps, rel.logits.argmax(1), rel.targets
-        pixels = ((batch * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).astype(np.uint8)
+        explained = explain_models(models, method, batch, targets)
+        preds = {name: rel.logits.argmax(1) for name, rel in explained.items()}
         for i, (path, key) in enumerate(chunk):
             mask = None if masks is None else shown[i].numpy()[None]
             png = out / Path(key).with_suffix(".png")
             truth = _true_class(key, class_names)
             predicted = {name: class_labels(preds[name][i : i + 1], class_names) for name in models}
-            overlay_grid(pixels[i : i + 1], mask, {n: m[i : i + 1] for n, m in maps.items()}, png,
-                         mask_title=f"{mask_kind} mask", predictions=predicted,
-                         true_classes=None if truth is None else class_labels([truth], class_names))
+            save_overlays(png, batch[i : i + 1], config, rows_of(explained, slice(i, i + 1)), class_names,
+                          labels=None if truth is None else [truth], masks=mask, mask_title=f"{mask_kind} mask")
             record: dict[str, Any] = {"image": str(path), "png": str(png)}
             if truth is not None:
                 record.update(true_class=truth, true_name=class_labels([truth], class_names)[0])
             for name in models:
-                record[name] = {"explained_class": int(explained[name][i]), "predicted_class": int(preds[name][i])}
+                record[name] = {"explained_class": int(explained[name].targets[i]),
+                                "predicted_class": int(preds[name][i])}
                 if class_names:
                     record[name]["predicted_name"] = predicted[name][0]
             records.append(record)

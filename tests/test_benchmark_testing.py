@@ -101,7 +101,9 @@ def test_benchmark_selection_environment_and_skips(trees: dict[str, Path], monke
                                          "interpolation": "bilinear", "crop_pct": 1.0})
     assert dm.benchmark_roots() == {"in_v2": str(trees["in_v2"])}
     dm.setup("test")
-    assert dm.test_split_names == ["in_v2"] and len(dm.test_scorers) == 1
+    plan = dm.test_plan()
+    assert dm.test_split_names == plan.split_names == ["in_v2"] and plan.splits[0].scorer is not None
+    assert plan.splits[0].is_benchmark and plan.splits[0].imagenet_logits and len(plan.class_names) == 1000
     named = GuidanceDataModule(str(trees["train"]), mask_kinds=[], classes="imagenet", benchmark_names="all",
                                data_config=dm.data_config)
     with caplog.at_level("INFO"):

@@ -321,7 +321,7 @@ def read_json(trainer: L.Trainer) -> dict[str, Any]:
 
 def test_test_overlays_name_the_true_class_and_each_models_prediction(tested: dict[str, Any], tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    from cft_lightning.evaluation import plots
+    from cft_lightning.evaluation import overlays
 
     seen: dict[str, Any] = {}
 
@@ -329,10 +329,10 @@ def test_test_overlays_name_the_true_class_and_each_models_prediction(tested: di
         seen.update(kwargs, maps=maps)
         return path
 
-    monkeypatch.setattr(plots, "overlay_grid", capture)
+    monkeypatch.setattr(overlays, "overlay_grid", capture)
     model, dm = tested["model"], tested["dm"]
-    model._test_pictures({"splits": {}}, str(tmp_path))
-    labels = model._overlay_labels
+    model.evaluation.pictures({"splits": {}}, str(tmp_path))
+    labels = model.evaluation.overlay_labels
     assert len(labels) == 6 and seen["true_classes"] == [dm.class_names[int(i)] for i in labels]
     assert set(seen["predictions"]) == set(seen["maps"]) == {"original", "fine_tuned"}
     for names in seen["predictions"].values():

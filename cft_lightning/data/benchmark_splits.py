@@ -1,14 +1,17 @@
 """The named benchmarks as test splits of `GuidanceDataModule` (`cft test --benchmarks`).
 
-Roots come from `data.benchmarks` or `CFT_BENCHMARK_<NAME>`; the selection from `data.benchmark_names` (set
-by `--benchmarks`). Each benchmark becomes one test dataset with its scorer (the protocol's rank function),
-and, when the label space is ImageNet-1k, a fine-tuned / held-out flag per image.
+`BenchmarkSelection` holds the roots (`data.benchmarks`, else `CFT_BENCHMARK_<NAME>`), the selection
+(`data.benchmark_names`, set by `--benchmarks`) and the protocol. `test_splits` builds, for each selected
+benchmark, its dataset and its `TestSplit` (scorer: the protocol's rank function; label names: the benchmark's
+class list) and, when the label space is ImageNet-1k, a fine-tuned / held-out flag per image. Everything it needs
+is passed in: the data module composes it rather than inheriting from it.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
@@ -16,47 +19,52 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from cft_lightning.benchmarks.imagenet_seg import ImageNetSegmentation
 from cft_lightning.benchmarks.robustness import BENCHMARKS, BenchmarkDataset, get_benchmark
 from cft_lightning.errors import DataError
+from cft_lightning.evaluation.test_plan import TestSplit
 
-__all__ = ["ALL_BENCHMARKS", "BENCHMARK_DATASETS", "BenchmarkTestSplits"]
+__all__ = ["ALL_BENCHMARKS", "BENCHMARK_DATASETS", "PROTOCOLS", "BenchmarkSelection"]
 
 # classification benchmarks (robustness.py) and the segmentation set for relevance alignment (its root: the .mat file)
 ALL_BENCHMARKS = [*BENCHMARKS, "imagenet_seg"]
 BENCHMARK_DATASETS = (BenchmarkDataset, ImageNetSegmentation)
+PROTOCOLS = ("standard", "release")
 
 
-class BenchmarkTestSplits:
-    """Mixin of `GuidanceDataModule`: expects `benchmarks`, `benchmark_names`, `benchmark_protocol`, `classes`,
-    `root`, `class_names`, `selection` and `_resolve_data_config`."""
+@dataclass(frozen=True)
+class BenchmarkSelection:
+    """Which benchmarks `test` runs and where they are.
 
-    benchmarks: dict[str, str]
-    benchmark_names: str | list[str] | None
-    benchmark_protocol: str
+    Attributes:
+        roots: `data.benchmarks`, `{name: folder}` (ImageNet-Segmentation: the path of `gtsegs_ijcv.mat`).
+        names: `data.benchmark_names`: None (every configured one), `all` (the same, and the unconfigured ones
+            are named as skipped), `none`, a comma-separated string or a list (each must be configured).
+        protocol: `standard` or `release` (`data.benchmark_protocol`).
+    """
 
-    def _benchmark_splits(self, eval_tf: Any) -> Iterator[tuple[str, Any, Any]]:
-        """(name, dataset, scorer) of every selected benchmark, in registry order."""
-        seen = self._seen_imagenet_classes()
-        for name, root in self._selected_benchmarks().items():
-            if name == "imagenet_seg":  # relevance alignment only (object masks, no labels)
-                dataset = ImageNetSegmentation(root, self._resolve_data_config())  # type: ignore[attr-defined]
-                rank_zero_info(f"cft test: ImageNet-Segmentation: {len(dataset)} images from {root}")
-                yield name, dataset, None
-                continue
-            bench, samples = get_benchmark(name, root, self.benchmark_protocol)  # type: ignore[arg-type]
-            rank_zero_info(f"cft test: {bench.title}: {len(samples)} images from {root}")
-            yield name, BenchmarkDataset(root, bench, samples, eval_tf, seen), bench.rank
+    roots: Mapping[str, str] = field(default_factory=dict)
+    names: str | list[str] | None = None
+    protocol: str = "standard"
 
-    def benchmark_roots(self) -> dict[str, str]:
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.roots) - set(ALL_BENCHMARKS))
+        if unknown:
+            raise DataError(f"data.benchmarks: unknown benchmark(s) {unknown}; known: {', '.join(ALL_BENCHMARKS)}")
+        if self.protocol not in PROTOCOLS:
+            raise DataError(f"data.benchmark_protocol must be 'standard' or 'release', got {self.protocol!r}")
+        object.__setattr__(self, "roots", dict(self.roots))
+
+    def configured(self) -> dict[str, str]:
         """Every benchmark with a root: `data.benchmarks`, then `CFT_BENCHMARK_<NAME>` environment variables."""
         roots = {}
         for name in ALL_BENCHMARKS:
-            root = self.benchmarks.get(name) or os.environ.get(f"CFT_BENCHMARK_{name.upper()}")
+            root = self.roots.get(name) or os.environ.get(f"CFT_BENCHMARK_{name.upper()}")
             if root:
                 roots[name] = root
         return roots
 
-    def _selected_benchmarks(self) -> dict[str, str]:
-        roots = self.benchmark_roots()
-        names = self.benchmark_names
+    def selected(self) -> dict[str, str]:
+        """The benchmarks `test` runs, {name: root} in registry order; an unknown or unconfigured name is an error."""
+        roots = self.configured()
+        names = self.names
         if names is None:
             return roots
         if names in ("none", "", []):
@@ -78,9 +86,21 @@ class BenchmarkTestSplits:
                             f"CFT_BENCHMARK_{missing[0].upper()}")
         return {n: roots[n] for n in wanted}
 
-    def _seen_imagenet_classes(self) -> set[int] | None:
-        """ImageNet indices of the fine-tuning classes, when the label space is ImageNet-1k and root exists."""
-        if self.classes != "imagenet" or not os.path.isdir(self.root):
-            return None
-        index = {name: i for i, name in enumerate(self.class_names)}
-        return {index[c] for c in self.selection.fine_tuning_classes}
+    def test_splits(self, eval_tf: Any, data_config: Mapping[str, Any], seen: set[int] | None
+                    ) -> list[tuple[TestSplit, Any]]:
+        """(split, dataset) of every selected benchmark, in registry order. `eval_tf`: the evaluation transform;
+        `data_config`: its config (ImageNet-Segmentation resizes without a crop); `seen`: the ImageNet indices of
+        the fine-tuning classes (None: no fine-tuned / held-out split)."""
+        out: list[tuple[TestSplit, Any]] = []
+        for name, root in self.selected().items():
+            if name == "imagenet_seg":  # relevance alignment only (object masks, no labels)
+                dataset = ImageNetSegmentation(root, dict(data_config))
+                rank_zero_info(f"cft test: ImageNet-Segmentation: {len(dataset)} images from {root}")
+                out.append((TestSplit(name, is_benchmark=True), dataset))
+                continue
+            bench, samples = get_benchmark(name, root, self.protocol)  # type: ignore[arg-type]
+            rank_zero_info(f"cft test: {bench.title}: {len(samples)} images from {root}")
+            split = TestSplit(name, scorer=bench.rank, label_names=tuple(bench.class_names) or None,
+                              is_benchmark=True, imagenet_logits=True)
+            out.append((split, BenchmarkDataset(root, bench, samples, eval_tf, seen)))
+        return out

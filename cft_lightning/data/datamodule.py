@@ -29,7 +29,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from cft_lightning._plugins import Requirements
 from cft_lightning.data.alignment import alignment_slots
-from cft_lightning.data.benchmark_splits import ALL_BENCHMARKS, BENCHMARK_DATASETS, BenchmarkTestSplits
+from cft_lightning.data.benchmark_splits import BenchmarkSelection
 from cft_lightning.data.image_folder import (
     MISSING_MASK_POLICIES,
     FewShotSelection,
@@ -45,6 +45,7 @@ from cft_lightning.data.metadata import Metadata, read_metadata
 from cft_lightning.data.run_files import RunFiles
 from cft_lightning.data.transforms import Augmentation, JointTransform, build_transforms
 from cft_lightning.errors import DataError
+from cft_lightning.evaluation.test_plan import TestPlan, TestSplit
 
 
 def _kinds_available(store: MaskStore, samples: Sequence[Sample], kinds: Sequence[str]) -> list[str]:
@@ -62,7 +63,7 @@ def _kinds_available(store: MaskStore, samples: Sequence[Sample], kinds: Sequenc
     return available
 
 
-class GuidanceDataModule(SplitLoaders, RunFiles, BenchmarkTestSplits, L.LightningDataModule):
+class GuidanceDataModule(SplitLoaders, RunFiles, L.LightningDataModule):
     """Few-shot training images with guidance masks, plus validation, test and prediction splits.
 
     Training uses ``images_per_class`` images from each of ``round(class_fraction * n)`` classes of ``root``,
@@ -206,18 +207,10 @@ class GuidanceDataModule(SplitLoaders, RunFiles, BenchmarkTestSplits, L.Lightnin
         self.alignment_ratio = alignment_ratio
         if alignment_kind is not None:
             self._set_alignment(alignment_kind, alignment_ratio, "data.alignment_kind")
-        unknown = sorted(set(benchmarks or {}) - set(ALL_BENCHMARKS))
-        if unknown:
-            raise DataError(f"data.benchmarks: unknown benchmark(s) {unknown}; known: {', '.join(ALL_BENCHMARKS)}")
-        if benchmark_protocol not in ("standard", "release"):
-            raise DataError(f"data.benchmark_protocol must be 'standard' or 'release', got {benchmark_protocol!r}")
-        self.benchmarks = dict(benchmarks or {})
-        self.benchmark_names = benchmark_names
-        self.benchmark_protocol = benchmark_protocol
+        self.benchmark_selection = BenchmarkSelection(benchmarks or {}, benchmark_names, benchmark_protocol)
         self.interventions = interventions
-        self.test_scorers: list[Any] = []
-        self.benchmark_splits: list[str] = []  # test splits that are named benchmarks (ImageNet-1k labels)
-        self._test_names: list[str] = []
+        self._test_splits: tuple[TestSplit, ...] = ()  # set by setup("test"), described by `test_plan()`
+        self._resolved_data_config: dict[str, Any] | None = None  # the config the transforms were built with
         self.train_dataset: GuidanceDataset | None = None
         self.val_dataset: GuidanceDataset | None = None
         self.test_dataset: GuidanceDataset | list[GuidanceDataset] | None = None
@@ -339,7 +332,8 @@ class GuidanceDataModule(SplitLoaders, RunFiles, BenchmarkTestSplits, L.Lightnin
         if stage in (None, "fit") and self.train_dataset is None:
             self._adopt_alignment()
         if self._transforms is None:
-            self._transforms = build_transforms(self._resolve_data_config(), self.augmentation)
+            self._resolved_data_config = dict(self._resolve_data_config())
+            self._transforms = build_transforms(self._resolved_data_config, self.augmentation)
         train_tf, eval_tf = self._transforms
         store = MaskStore(self.masks) if self.masks is not None else None
         kinds, policy = self.mask_kinds, self.missing_masks
@@ -374,26 +368,46 @@ class GuidanceDataModule(SplitLoaders, RunFiles, BenchmarkTestSplits, L.Lightnin
     def _setup_test(self, eval_tf: JointTransform) -> None:
         """The test splits: `test_root` (one folder or a mapping) first, then the selected benchmarks."""
         datasets: list[Any] = []
-        names: list[str] = []
+        splits: list[TestSplit] = []
         if self.test_root is not None:
             roots = self.test_root if isinstance(self.test_root, dict) else {"test": self.test_root}
             for name, root in roots.items():
                 datasets.append(self._optional_mask_dataset(root, eval_tf, donors=self.interventions))
-                names.append(name)
-        scorers: list[Any] = [None] * len(datasets)
-        for name, dataset, scorer in self._benchmark_splits(eval_tf):
+                splits.append(TestSplit(name))
+        config = self._resolved_data_config or self._resolve_data_config()
+        for split, dataset in self.benchmark_selection.test_splits(eval_tf, config, self._seen_imagenet_classes()):
             datasets.append(dataset)
-            names.append(name)
-            scorers.append(scorer)
+            splits.append(split)
         if not datasets:
             raise DataError("nothing to test: set data.test_root or data.benchmarks (or CFT_BENCHMARK_<NAME>)")
         self.test_dataset = datasets if len(datasets) > 1 or isinstance(self.test_root, dict) else datasets[0]
-        self._test_names, self.test_scorers = names, scorers
-        self.benchmark_splits = names[len(names) - sum(isinstance(d, BENCHMARK_DATASETS) for d in datasets):]
+        self._test_splits = tuple(splits)
+
+    def _seen_imagenet_classes(self) -> set[int] | None:
+        """ImageNet indices of the fine-tuning classes, when the label space is ImageNet-1k and root exists."""
+        if self.classes != "imagenet" or not os.path.isdir(self.root):
+            return None
+        index = {name: i for i, name in enumerate(self.class_names)}
+        return {index[c] for c in self.selection.fine_tuning_classes}
+
+    def benchmark_roots(self) -> dict[str, str]:
+        """Every benchmark with a root (`BenchmarkSelection.configured`)."""
+        return self.benchmark_selection.configured()
 
     @property
     def test_split_names(self) -> list[str]:
-        """Names of the test splits, in dataloader order (`["test"]` for a single test_root)."""
-        if self._test_names:
-            return list(self._test_names)
+        """Names of the test splits, in dataloader order (`["test"]` for a single test_root); the benchmarks are
+        known after `setup("test")`."""
+        if self._test_splits:
+            return [s.name for s in self._test_splits]
         return list(self.test_root) if isinstance(self.test_root, dict) else ["test"]
+
+    def test_plan(self) -> TestPlan:
+        """What `cft test` evaluates (`evaluation.test_plan`; the model receives it in `setup`): the splits of
+        `setup("test")` (none before), class names, metadata groups and the images' data config."""
+        try:
+            class_names: list[str] | None = self.class_names
+        except DataError:  # no class list to name the outputs by: indices are shown
+            class_names = None
+        return TestPlan(splits=self._test_splits, class_names=class_names, group_names=self.group_names,
+                        data_config=self.data_config or self._resolved_data_config)

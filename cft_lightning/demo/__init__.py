@@ -114,13 +114,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _overlays(settings: DemoSettings, summary: dict, count: int) -> Path | None:
-    import numpy as np
+    """`overlays.png`: the first `count` OOD test images as the models saw them (the data's evaluation
+    transform), their concept masks, and the AttnLRP maps of the Original and of every method's fine-tuned model."""
     import torch
 
     from cft_lightning.data.image_folder import load_image
     from cft_lightning.data.mask_store import MaskStore
     from cft_lightning.data.transforms import JointTransform
-    from cft_lightning.demo.report import overlay_grid
+    from cft_lightning.evaluation.overlays import explain_models, save_overlays
     from cft_lightning.models.backbone import build_backbone, resolve_data_config
     from cft_lightning.relevance import AttnLRP
 
@@ -132,17 +133,17 @@ def _overlays(settings: DemoSettings, summary: dict, count: int) -> Path | None:
     models = {"original": build_backbone(settings.backbone(start)).eval()}
     for method in settings.methods:
         models[method] = build_backbone(settings.backbone(str(seed_dir / method / "fine_tuned.pth"))).eval()
-    transform = JointTransform(resolve_data_config(models["original"]), train=False)
+    config = resolve_data_config(models["original"])  # the data config the demo's data module normalised with
+    transform = JointTransform(config, train=False)
     store = MaskStore(data / "masks")
-    raw = [np.asarray(load_image(data / "images" / "test_ood" / r)) for r in rels]
-    batch = torch.stack([transform(load_image(data / "images" / "test_ood" / r))[0] for r in rels])
-    masks = np.stack([store.read(r, "concept") for r in rels])
-    explained = {name: AttnLRP()(m, batch, None, differentiable=False) for name, m in models.items()}
+    shown = [transform(load_image(data / "images" / "test_ood" / r), {"concept": store.read(r, "concept")})
+             for r in rels]
+    images = torch.stack([image for image, _ in shown])
+    masks = torch.stack([mask["concept"] for _, mask in shown]).numpy()
     classes = sorted(p.name for p in (data / "images" / "train").iterdir() if p.is_dir())  # the label order
-    return overlay_grid(np.stack(raw), masks, {name: rel.maps for name, rel in explained.items()},
-                        Path(settings.out) / "overlays.png", true_classes=[r.split("/")[0] for r in rels],
-                        predictions={name: [classes[int(k)] for k in rel.logits.argmax(1)]
-                                     for name, rel in explained.items()})
+    explained = explain_models(models, AttnLRP(), images)
+    return save_overlays(Path(settings.out) / "overlays.png", images, config, explained, classes,
+                         labels=[classes.index(r.split("/")[0]) for r in rels], masks=masks)
 
 
 def _calibrate(settings: DemoSettings) -> None:

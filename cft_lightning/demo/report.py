@@ -1,4 +1,4 @@
-"""What the demo shows: a summary table over seeds, a bar chart and relevance overlays."""
+"""What the demo shows: a summary table over seeds and a bar chart (the overlays: `evaluation/overlays.py`)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cft_lightning.evaluation.plots import overlay_grid
-
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["KEY_METRICS", "bar_chart", "bar_chart_figure", "overlay_grid", "paired", "paired_markdown", "per_seed",
-           "summarize", "summary_markdown"]
+__all__ = ["KEY_METRICS", "bar_chart", "bar_chart_figure", "paired", "paired_markdown", "per_seed", "summarize",
+           "summary_markdown"]
 
 # (split, metric, label) triples the summary reports, in order: first what the models decide ...
 DECISION_METRICS = (

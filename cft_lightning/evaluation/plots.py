@@ -3,8 +3,9 @@
 `overlay_grid`: one row per image (image, optional mask, one relevance overlay per model), a colour bar for the
 relevance scale and, under each tile, the image's true class and each model's prediction (green when right, red
 when wrong). `results_chart`: per split, Original and fine-tuned bars for each metric with the delta written
-above. `cft test` writes both next to its results files (`overlays.png`, `results.png`) and logs them; the demo,
-the `RelevanceOverlays` callback and `cft explain` draw overlays too.
+above. `cft test` writes both next to its results files (`overlays.png`, `results.png`) and logs them. Every
+overlay (`cft test`, the demo, the `RelevanceOverlays` callback, `cft explain`) is drawn through
+`evaluation/overlays.py`, which explains the models and calls `overlay_grid`.
 
 Figures are built on `matplotlib.figure.Figure` (no pyplot), so drawing never switches a notebook's backend.
 """

@@ -25,8 +25,9 @@ from torch import Tensor, nn
 from cft_lightning._plugins import Requirements, plugin_config
 from cft_lightning.errors import NonFiniteLossError, UnsupportedModelError
 from cft_lightning.evaluation.metrics import accuracy_metrics
+from cft_lightning.evaluation.stage import Evaluation
+from cft_lightning.evaluation.test_plan import TestPlan, plan_of
 from cft_lightning.models.backbone import BackboneSpec, build_backbone, freeze, resolve_data_config
-from cft_lightning.models.evaluation_stage import EvaluationStage
 from cft_lightning.models.input_size import input_size_warning, native_image_size
 from cft_lightning.regularizers.base import Regularizer, RegularizerOutput
 from cft_lightning.relevance.base import RelevanceMethod
@@ -76,9 +77,10 @@ def _check_relevance(relevance: RelevanceMethod, model: nn.Module, name: str, tr
         model.train(was_training)
 
 
-class GuidedFineTuner(EvaluationStage, L.LightningModule):
+class GuidedFineTuner(L.LightningModule):
     """Fine-tunes `backbone` with `regularizer` (which may guide the `relevance` maps), logging every loss term
-    and the top-1/top-5 accuracy of the fine-tuned model and of its frozen starting point."""
+    and the top-1/top-5 accuracy of the fine-tuned model and of its frozen starting point; `cft test` scores
+    both with an `Evaluation` built from the data module's `TestPlan` (received in `setup`)."""
 
     def __init__(
         self,
@@ -171,7 +173,8 @@ class GuidedFineTuner(EvaluationStage, L.LightningModule):
         self._warned_inference = False
         self._warned_val_masks = False
         self._warned_input_size = False
-        self._overlay_images: Tensor | None = None
+        self.test_plan: TestPlan | None = None  # what the data module describes (`setup`: `plan_of`)
+        self.evaluation: Evaluation | None = None  # the current `cft test` run (`on_test_start`)
 
     @property
     def requirements(self) -> Requirements:
@@ -210,29 +213,34 @@ class GuidedFineTuner(EvaluationStage, L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep the run's data config in the checkpoint (`data.data_config`, else the model's timm config), so
         `cft explain --ckpt` sees images as the run did."""
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        config = getattr(datamodule, "data_config", None) or self.data_config
+        plan = self.test_plan
+        config = plan.data_config if plan is not None and plan.data_config is not None else self.data_config
         checkpoint[DATA_CONFIG_KEY] = json.loads(json.dumps(dict(config)))  # plain data: loads weights-only
 
     # ------------------------------------------------------------------ setup checks
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
+        """Receive the data module's `TestPlan` (the one hand-off from data to model, `test_plan.plan_of`) and
+        check the data against the model."""
+        datamodule = self.trainer.datamodule
+        self.test_plan = plan_of(datamodule)
         if datamodule is None:
             return
-        n_data = getattr(datamodule, "num_classes", None)
+        plan = self.test_plan
+        n_data = len(plan.class_names) if plan is not None and plan.class_names is not None else None
         if n_data is not None and n_data > self.num_classes:
             raise ValueError(
                 f"the data has {n_data} classes but the backbone head has {self.num_classes}: set "
                 f"model.backbone.num_classes: {n_data} (or use an ImageNet-indexed class list with a 1000-class head)"
             )
-        if getattr(datamodule, "data_config", None) is None and not self._warned_input_size:
+        own_config = plan is None or plan.data_config in (None, self.data_config)
+        if own_config and not self._warned_input_size:
             self._warned_input_size = True  # once per run: the data's size against the model's timm input size
             patch_model = getattr(getattr(self.backbone, "patch_embed", None), "img_size", None) is not None
             message = input_size_warning(native_image_size(datamodule, stage), self.data_config["input_size"],
                                          self.backbone_spec.name, patch_model)
             if message:
                 rank_zero_warn(message)
-        benchmarks = [n for n in getattr(datamodule, "benchmark_splits", []) if n != "imagenet_seg"]
+        benchmarks = [s.name for s in plan.splits if s.imagenet_logits] if plan is not None else []
         if stage == "test" and benchmarks and self.num_classes != 1000:
             raise ValueError(
                 f"benchmarks {benchmarks} score ImageNet-1k logits, but the model head has {self.num_classes} "
@@ -351,6 +359,27 @@ class GuidedFineTuner(EvaluationStage, L.LightningModule):
             ref_prob, out["ref_pred"] = ref_logits.float().softmax(dim=1).max(dim=1)
             out["ref_prob"] = ref_prob
         return out
+
+    # ------------------------------------------------------------------ test: an `Evaluation` of the plan
+    def on_test_start(self) -> None:
+        loaders = self.trainer.test_dataloaders
+        count = len(loaders) if isinstance(loaders, (list, tuple)) else 1
+        plan = (self.test_plan or TestPlan.default(count)).for_loaders(count)
+        self.evaluation = Evaluation(plan, self.backbone, self._reference, self.relevance, self.num_classes,
+                                     self.device, self.data_config)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.evaluation.step(batch, batch_idx, dataloader_idx)
+
+    def on_test_epoch_end(self) -> None:
+        relevance = None if self.relevance is None else \
+            f"{type(self.relevance).__module__}.{type(self.relevance).__qualname__}"
+        run = {"backbone": self.backbone_spec.name,
+               "regularizer": f"{type(self.regularizer).__module__}.{type(self.regularizer).__qualname__}",
+               "relevance": relevance}
+        self.test_results, paths = self.evaluation.finish(self.trainer, self.log, run)
+        if paths is not None:
+            self.results_paths = paths
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:
