@@ -96,6 +96,13 @@ def test_fit_trains_with_the_new_regularizer_and_test_measures_with_the_new_rele
     assert next(runs.rglob("overlays.png")).is_file()
 
 
+def test_fit_takes_the_short_class_names_once_cft_plugins_imported_the_module(plugin: Path) -> None:
+    printed = cft(plugin, "fit", "--config", str(REPO / "configs" / "smoke.yaml"), "--model.regularizer",
+                  "OutsideObjectGradient", "--model.relevance", "SquaredInputXGradient", "--print_config",
+                  plugins=True)
+    assert f"class_path: {REGULARIZER}" in printed and f"class_path: {RELEVANCE}" in printed
+
+
 def test_explain_by_class_path_and_by_registered_name(plugin: Path, fitted: dict, tmp_path: Path) -> None:
     images = fitted["data"] / "images" / "test"
     pictures = {}
