@@ -22,6 +22,7 @@ import yaml
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
+from cft_lightning._registry import load_plugins
 from cft_lightning.callbacks import PredictionWriter
 from cft_lightning.data.datamodule import GuidanceDataModule
 from cft_lightning.errors import DataError
@@ -219,4 +220,5 @@ class CFTCLI(LightningCLI):
 def run(args: list[str]) -> None:
     """Run a Trainer subcommand (`fit`, `validate`, `test`, `predict`) with the project's CLI."""
     ensure_wandb_mode()  # no W&B key: offline runs (wandb sync uploads them later) instead of a start-up error
+    load_plugins()  # CFT_PLUGINS modules and entry points: their classes resolve by their short class name too
     CFTCLI(args=args)

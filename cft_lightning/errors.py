@@ -26,6 +26,8 @@ __all__ = [
     "CommandFailed",
     "DataError",
     "NonFiniteLossError",
+    "PluginError",
+    "UnknownPluginError",
     "UnsupportedModelError",
     "original_message",
 ]
@@ -82,6 +84,15 @@ class BackboneError(CFTUserError, ValueError):
 
 class UnsupportedModelError(CFTUserError, TypeError):
     """The model's structure is outside what a relevance method supports."""
+
+
+class PluginError(CFTUserError, ValueError):
+    """A plugin (relevance method, regularizer) that cannot be registered or built: a name registered twice, a
+    preset or argument its class does not take, a `CFT_PLUGINS` module or entry point that does not import."""
+
+
+class UnknownPluginError(PluginError):
+    """A plugin spec that names no registered plugin and no importable subclass of the plugin kind's base."""
 
 
 class NonFiniteLossError(CFTUserError, FloatingPointError):

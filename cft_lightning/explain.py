@@ -22,6 +22,7 @@ import pickle
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cft_lightning._registry import SHIPPED_RELEVANCE
 from cft_lightning.errors import DataError
 
 if TYPE_CHECKING:  # torch, timm and the relevance methods load when a command runs, not for `--help`
@@ -30,33 +31,7 @@ if TYPE_CHECKING:  # torch, timm and the relevance methods load when a command r
     from cft_lightning.data.mask_store import MaskStore
     from cft_lightning.relevance import RelevanceMethod
 
-__all__ = ["EXPLAIN_METHODS", "LAYER_METHODS", "explain", "load_models", "main", "run_data_config"]
-
-
-def _relevance(name: str, **preset: Any) -> Any:
-    """A factory of `cft_lightning.relevance.<name>(**preset, **extra)` that imports it only when called."""
-
-    def make(**extra: Any) -> Any:
-        import cft_lightning.relevance as relevance
-
-        return getattr(relevance, name)(**preset, **extra)
-
-    return make
-
-
-EXPLAIN_METHODS: dict[str, Any] = {
-    "attnlrp": _relevance("AttnLRP"),
-    "cp_lrp": _relevance("AttnLRP", attention_rule="cp"),
-    "rollout": _relevance("GradientRollout"),
-    "gradcam": _relevance("GradCAM"),
-    "iia": _relevance("IIA", steps=10),
-    "input_grad": _relevance("InputGradient"),
-    "ixg": _relevance("InputXGradient"),
-    "grad_x_act": _relevance("LayerGradXActivation"),
-    "lrp": _relevance("ZennitLRP", composite="epsilon_plus_flat"),  # CNNs (zennit), explanation only
-}
-# methods that explain one layer: `--layer` names it (default: the method's choice for the model)
-LAYER_METHODS: dict[str, Any] = {"gradcam": EXPLAIN_METHODS["gradcam"], "grad_x_act": EXPLAIN_METHODS["grad_x_act"]}
+__all__ = ["explain", "load_models", "main", "run_data_config"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -68,9 +43,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="with --model: a local weight file (.pth/.bin/.safetensors/.ckpt)")
     p.add_argument("--num_classes", type=int, default=None, help="with --model: head size (default: the model's)")
     p.add_argument("--images", required=True, nargs="+", help="image files and/or folders (searched recursively)")
-    p.add_argument("--method", default="attnlrp", choices=sorted(EXPLAIN_METHODS), help="default: %(default)s")
+    p.add_argument("--method", default="attnlrp",
+                   help=f"relevance method: {', '.join(SHIPPED_RELEVANCE)}, a name a plugin registers (CFT_PLUGINS) "
+                   "or a class path pkg.module.Class (docs/extending.md) (default: %(default)s)")
     p.add_argument("--layer", default=None,
-                   help=f"with --method {' or '.join(LAYER_METHODS)}: the module explained, a dotted path (e.g. "
+                   help="with a --method that explains one layer (gradcam, grad_x_act): the module explained, a "
+                   "dotted path (e.g. "
                    "layer3 or stages.-2 for a CNN, blocks.-1.norm1 for a ViT; default: the method's choice, "
                    "gradcam the last feature stage, grad_x_act the one before)")
     p.add_argument("--target", default="pred",
@@ -241,13 +219,18 @@ def main(argv: list[str] | None = None) -> None:
     from cft_lightning.data.mask_store import MaskStore
     from cft_lightning.errors import UnsupportedModelError
     from cft_lightning.models.backbone import resolve_data_config
-    from cft_lightning.relevance.grad_cam import default_cam_layer
-    from cft_lightning.relevance.layer_grad_x_activation import default_feature_layer
 
     if args.target != "pred" and not args.target.lstrip("-").isdigit():
         raise DataError(f"--target must be 'pred' or a class index, got {args.target!r}")
     if args.batch_size < 1:
         raise DataError("--batch_size must be >= 1")
+    from cft_lightning.relevance import create_relevance, list_relevance, relevance_class
+
+    if args.layer is not None and not relevance_class(args.method).explains_layer:
+        layered = [name for name in list_relevance() if relevance_class(name).explains_layer]
+        raise DataError(f"--layer applies to a --method that explains one layer ({', '.join(layered)}), "
+                        f"not {args.method!r}")
+    method = create_relevance(args.method, **({"layer": args.layer} if args.layer else {}))
     models = load_models(args)
     images = _collect(args.images)
     masks = MaskStore(args.masks) if args.masks else None
@@ -257,9 +240,6 @@ def main(argv: list[str] | None = None) -> None:
             raise DataError(f"--masks: {len(missing)} image(s) have no {args.mask_kind!r} mask in {args.masks}, "
                             f"e.g. {masks.path(missing[0], args.mask_kind)}")
     out = Path(args.out)
-    if args.layer is not None and args.method not in LAYER_METHODS:
-        raise DataError(f"--layer applies to --method {' or '.join(LAYER_METHODS)}, not {args.method!r}")
-    method = LAYER_METHODS[args.method](layer=args.layer) if args.layer else EXPLAIN_METHODS[args.method]()
     data_config = run_data_config(args.ckpt) if args.ckpt else None
     try:
         for model in models.values():
@@ -272,9 +252,8 @@ def main(argv: list[str] | None = None) -> None:
         records = explain(models, method, images, out, args.target, masks, args.mask_kind, args.batch_size,
                           progress=not args.no_progress, data_config=data_config, class_names=class_names)
     summary: dict[str, Any] = {"method": args.method}
-    if args.method in LAYER_METHODS:
-        default = default_cam_layer if args.method == "gradcam" else default_feature_layer
-        summary["layer"] = args.layer or default(next(iter(models.values())))
+    if method.explains_layer:
+        summary["layer"] = method.layer_for(next(iter(models.values())))
     summary["data_config"] = data_config or resolve_data_config(next(iter(models.values())))
     (out / "explain.json").write_text(json.dumps({**summary, "images": records}, indent=2) + "\n")
     print(f"cft explain: {len(records)} overlay(s) in {out} (method {args.method}, models {', '.join(models)})")

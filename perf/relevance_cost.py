@@ -23,7 +23,7 @@ import time
 import timm
 import torch
 
-from cft_lightning.explain import EXPLAIN_METHODS
+from cft_lightning.relevance import create_relevance
 
 
 def _rss_mib() -> float:
@@ -43,7 +43,7 @@ def _setup(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor]:
 
 
 def _explain(method_name: str, model: torch.nn.Module, images: torch.Tensor) -> float:
-    method = EXPLAIN_METHODS[method_name]()
+    method = create_relevance(method_name)  # a registered name (what `cft explain --method` takes)
     start = time.perf_counter()
     method(model, images, None, differentiable=False)
     return time.perf_counter() - start

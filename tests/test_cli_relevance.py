@@ -1,4 +1,5 @@
-"""`cft test` with every relevance method the package exports, on a tiny ViT and a tiny CNN (issue 17, item 10).
+"""`cft test` with every registered relevance method class (`list_relevance()`), on a tiny ViT and a tiny CNN
+(issue 17, item 10).
 
 Each architecture is fitted once (CFT with Grad-CAM, the run that used to crash at test time), then tested from
 its checkpoint with each method: relevance runs on the fine-tuned model and on the frozen reference (no
@@ -8,7 +9,6 @@ cannot explain the architecture fails with one `cft: error:` line.
 
 from __future__ import annotations
 
-import inspect
 import json
 import sys
 from collections.abc import Callable
@@ -16,9 +16,8 @@ from pathlib import Path
 
 import pytest
 
-import cft_lightning.relevance as relevance_pkg
 from cft_lightning.cli import main
-from cft_lightning.relevance import RelevanceMethod
+from cft_lightning.relevance import list_relevance, relevance_class
 from cft_lightning.smoke_data import generate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,13 +30,9 @@ ARCHITECTURES = {
     "cnn": ["--model.backbone.name", "test_resnet", "--model.backbone.model_kwargs", "{}",
             "--data.data_config", DATA_32],
 }
-METHODS = sorted(
-    name for name in relevance_pkg.__all__
-    if inspect.isclass(cls := getattr(relevance_pkg, name)) and issubclass(cls, RelevanceMethod)
-    and not inspect.isabstract(cls)
-)
-# what cannot explain a CNN: the attention methods (the package says so in one line)
-VIT_ONLY = {"AttnLRP", "GradientRollout", "IIA"}
+# every class behind a registered name, by class path (a preset such as cp_lrp is its class again)
+CLASSES = {f"{cls.__module__}.{cls.__qualname__}": cls for cls in map(relevance_class, list_relevance())}
+METHODS = sorted(CLASSES, key=lambda path: path.rsplit(".", 1)[-1])
 
 
 @pytest.fixture(autouse=True)
@@ -88,32 +83,33 @@ def checkpoint(smoke_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Ca
 
 
 def test_every_relevance_method_is_found() -> None:
-    assert len(METHODS) == 8 and {"GradCAM", "LayerGradXActivation", "ZennitLRP", "AttnLRP"} <= set(METHODS)
+    names = {path.rsplit(".", 1)[-1] for path in METHODS}
+    assert len(names) >= 8 and {"GradCAM", "LayerGradXActivation", "ZennitLRP", "AttnLRP", "IIA"} <= names
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", METHODS, ids=lambda path: path.rsplit(".", 1)[-1])
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
 def test_cft_test_with_every_relevance_method(arch: str, method: str, smoke_data: Path, tmp_path: Path,
                                               checkpoint: Callable[[str], Path],
                                               capsys: pytest.CaptureFixture) -> None:
     ckpt = checkpoint(arch)
     runs = tmp_path / "runs"
-    args = ["test", *_args(smoke_data, runs, arch, "--model.relevance", f"cft_lightning.relevance.{method}"),
-            "--ckpt_path", str(ckpt)]
-    if method == "IIA":
+    args = ["test", *_args(smoke_data, runs, arch, "--model.relevance", method), "--ckpt_path", str(ckpt)]
+    cls, name = CLASSES[method], method.rsplit(".", 1)[-1]
+    if name == "IIA":
         args += ["--model.relevance.steps", "2"]
     capsys.readouterr()
-    if arch == "cnn" and method in VIT_ONLY:
+    if arch not in cls.families:  # the class flag: e.g. the attention methods cannot explain a CNN
         with pytest.raises(SystemExit) as info:
             main(args)
         err = capsys.readouterr().err
         assert info.value.code == 2 and "Traceback" not in err, err
         lines = [line for line in err.strip().splitlines() if line.startswith("cft: error:")]
-        assert len(lines) == 1 and f"model.relevance {method} cannot explain test_resnet" in lines[0], err
+        assert len(lines) == 1 and f"model.relevance {name} cannot explain test_resnet" in lines[0], err
         return
     main(args)
     results = json.loads(next(runs.rglob("results.json")).read_text())
-    assert results["run"]["relevance"].endswith(f".{method}")  # the command line's method, not the checkpoint's
+    assert results["run"]["relevance"].endswith(f".{name}")  # the command line's method, not the checkpoint's
     metrics = results["splits"]["test"]["metrics"]
     for key in ("pixel_acc", "concept_share"):  # relevance ran on both models in test_step
         assert set(metrics[key]) >= {"fine_tuned", "original"}, (key, metrics[key])

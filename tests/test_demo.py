@@ -103,17 +103,83 @@ def test_unknown_method_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureF
 
 
 def test_every_demo_method_builds_a_regularizer_and_relevance_method() -> None:
-    from cft_lightning.demo.pipeline import METHODS
+    from cft_lightning.demo.pipeline import RECIPES, build_method
     from cft_lightning.regularizers import Regularizer
     from cft_lightning.relevance import RelevanceMethod
 
-    for name, factory in METHODS.items():
-        regularizer, relevance = factory()
+    for name in RECIPES:
+        regularizer, relevance = build_method(name)
         assert isinstance(regularizer, Regularizer), name
-        if regularizer.needs_relevance:
+        if regularizer.requirements.relevance:
             assert isinstance(relevance, RelevanceMethod), name
         else:
             assert relevance is None, name
+
+
+def test_demo_recipes_build_the_objects_the_documented_numbers_were_measured_with() -> None:
+    """The recipes go through the registries and build the same objects, with the same arguments, as the
+    hand-written factories did before (docs/demo.md's numbers); `rrr_decoy_gt` reads its decoy masks."""
+    from cft_lightning._plugins import plugin_config
+    from cft_lightning.demo.pipeline import build_method
+    from cft_lightning.regularizers import CFT, RRDA, RRR, LVLMCritic, ObjectMaskGuidance, PlainFineTuning, RobustViT
+    from cft_lightning.relevance import IIA, AttnLRP, GradCAM, GradientRollout, InputXGradient
+
+    before = {
+        "plain": (PlainFineTuning(consistency_target="label"), None),
+        "object": (ObjectMaskGuidance(), AttnLRP()),
+        "cft_cp": (CFT(), AttnLRP(attention_rule="cp")),
+        "cft_gt": (CFT(consistency_target="label"), AttnLRP()),
+        "cft_posmax": (CFT(), AttnLRP(normalize="positive_max")),
+        "cft_release": (CFT(loss_form="release"), AttnLRP()),
+        "cft_self": (CFT(relevance_target="self"), AttnLRP()),
+        "cft_gradcam": (CFT(), GradCAM()),
+        "cft_iia": (CFT(), IIA(steps=10)),
+        "cft_ixg": (CFT(), InputXGradient()),
+        "rrda_full": (RRDA(), None),
+        "robust_vit": (RobustViT(), GradientRollout()),
+        "lvlm_va_1e5": (LVLMCritic(grad_weight=1e5, alignment_ratio=0.5, reduction="batch_sum"), None),
+        "rrr_decoy_gt": (RRR(grad_weight=1.0, cls_weight=1.0, mask_kind="decoy", mask_role="irrelevant",
+                             reduction="batch_sum"), None),
+    }
+    for name, objects in before.items():
+        built = build_method(name)
+        for old, new in zip(objects, built):
+            assert (old is None) == (new is None), name
+            if old is not None:
+                assert type(new) is type(old) and plugin_config(new) == plugin_config(old), name
+    assert build_method("rrr_decoy_gt")[0].requirements.masks == ("decoy",)
+
+
+def test_methods_take_a_regularizer_and_relevance_method_by_name_or_class_path(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from cft_lightning._plugins import plugin_config
+    from cft_lightning.demo.pipeline import build_method
+    from cft_lightning.errors import PluginError, UnknownPluginError
+
+    def configs(spec: str) -> list:
+        return [None if o is None else plugin_config(o) for o in build_method(spec)]
+
+    assert configs("cft+ixg") == configs("cft_ixg")  # a registered regularizer + relevance method
+    assert configs("cft") == configs("cft+attnlrp")  # a recipe named like a regularizer: the same objects
+    assert configs("cft_lightning.regularizers.cft.CFT+cft_lightning.relevance.GradCAM") == configs("cft_gradcam")
+    assert configs("gradmask") == configs("cft_lightning.regularizers.GradMask")
+    assert configs("object+rollout")[1]["class_path"].endswith(".GradientRollout")
+    reg, rel = build_method("robust_vit+cp_lrp")
+    assert type(rel).__name__ == "AttnLRP" and rel.attention_rule == "cp"
+    with pytest.raises(UnknownPluginError, match=r"'cft\+ixgg'.*did you mean 'ixg'"):
+        build_method("cft+ixgg")
+    with pytest.raises(UnknownPluginError, match="'nope' is no recipe or group and unknown regularizer 'nope'"):
+        build_method("nope")
+    with pytest.raises(PluginError, match="RRR uses no relevance method; drop \\+ixg"):
+        build_method("rrr+ixg")
+    for bad in ("cft+", "+ixg", "cft+ixg+rollout", "../cft"):
+        with pytest.raises(PluginError, match="REGULARIZER"):
+            build_method(bad)
+    with pytest.raises(SystemExit) as info:  # on the command line: one line, before anything is built
+        main(["demo", "--out", str(tmp_path), "--methods", "cft+ixgg", *TINY])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1 and "did you mean 'ixg'" in err
+    assert not (tmp_path / "seed_0").exists()
 
 
 def test_demo_all_methods_from_the_same_pretrained_model(demo_run: Path) -> None:
@@ -180,18 +246,19 @@ def test_mask_stage_pipeline_reproduces_the_benchmark_masks_run(demo_run: Path) 
 def test_decoy_demo_runs_the_critique_stage_and_reports_mu_align(tmp_path: Path,
                                                                  capsys: pytest.CaptureFixture) -> None:
     """`--decoy_only --critic pipeline`: LVLM-VA's masks come from the critique stage (sampling, attribution,
-    PPEPS-WGM, oracle critic on the decoy masks), and every row gets the OOD mean group accuracy and mu_align."""
+    PPEPS-WGM, oracle critic on the decoy masks), and every row gets the OOD mean group accuracy and mu_align;
+    `rrr_decoy_gt` trains on the decoy masks its regularizer declares."""
     from cft_lightning.data.mask_store import MaskStore
 
     out = tmp_path / "run"
     main(["demo", "--out", str(out), "--data_dir", str(tmp_path / "data"), "--methods", "plain", "lvlm_va",
-          "--decoy_only", "--critic", "pipeline", "--overlays", "0", *TINY])
+          "rrr_decoy_gt", "--decoy_only", "--critic", "pipeline", "--overlays", "0", *TINY])
     critique = json.loads((out / "seed_0" / "lvlm_va_critique" / "critique" / "summary.json").read_text())
     selection = json.loads((out / "seed_0" / "lvlm_va" / "fine_tuning_classes.json").read_text())["train_images"]
     assert critique["critic"] == "oracle" and critique["alignment_set"] == len(selection) // 2
     store = MaskStore(out / "seed_0" / "lvlm_va_critique")
     assert sum(store.has(rel, "critic") for rel in selection) == critique["masks_written"] == len(selection) // 2
-    for method in ("plain", "lvlm_va"):
+    for method in ("plain", "lvlm_va", "rrr_decoy_gt"):
         metrics = json.loads((out / "seed_0" / method / "results.json").read_text())["splits"]["test_ood"]["metrics"]
         assert 0.0 <= metrics["mu_align"]["original"] <= 1.0 and 0.0 <= metrics["mu_align"]["fine_tuned"] <= 1.0
         assert "worst_group_acc" in metrics and "mean_group_acc" in metrics

@@ -1,4 +1,8 @@
-"""The RelevanceMethod contract (base.py): normalisation, targets, autograd modes, unsupported models."""
+"""The RelevanceMethod contract (base.py): normalisation, targets, autograd modes, unsupported models.
+
+The contract tests run on every registered relevance method (`list_relevance()`: the shipped ones and any a
+plugin registers, e.g. with CFT_PLUGINS), each on a tiny model of every family its class flag `families` lists;
+a family it does not list must be refused with `UnsupportedModelError`."""
 
 from __future__ import annotations
 
@@ -10,12 +14,31 @@ from timm.layers import RmsNorm
 from timm.models.vision_transformer import ResPostBlock
 
 from cft_lightning.errors import UnsupportedModelError
+from cft_lightning.relevance import create_relevance, list_relevance, relevance_class
 from cft_lightning.relevance.attn_lrp import AttnLRP
 from cft_lightning.relevance.base import Relevance, normalize_maps, resolve_targets
 from cft_lightning.relevance.gradient_rollout import GradientRollout
 
-METHODS = [AttnLRP(), AttnLRP(attention_rule="cp"), GradientRollout()]
 TARGETS = torch.tensor([3, 7])
+FAMILIES = ("vit", "cnn")
+# (name, family) for every registered method and every family its class says it explains / does not explain
+SUPPORTED = [(n, f) for n in list_relevance() for f in FAMILIES if f in relevance_class(n).families]
+UNSUPPORTED = [(n, f) for n in list_relevance() for f in FAMILIES if f not in relevance_class(n).families]
+
+
+def _model_and_images(family: str) -> tuple[torch.nn.Module, torch.Tensor]:
+    """A tiny random float64 model of the family with 10 classes, in eval mode, and two images for it."""
+    if family == "vit":
+        return tiny_vit("cls"), tiny_images("cls")
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", pretrained=False, num_classes=10).double().eval()
+    return model, torch.randn(2, 3, 32, 48, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+
+def test_the_contract_covers_every_shipped_method_on_some_family():
+    shipped = {"attnlrp", "cp_lrp", "rollout", "gradcam", "iia", "input_grad", "ixg", "grad_x_act", "lrp"}
+    assert shipped <= {name for name, _ in SUPPORTED}
+    assert {name for name, family in UNSUPPORTED if family == "cnn"} >= {"attnlrp", "cp_lrp", "rollout", "iia"}
 
 
 def _random_map(seed=0, shape=(3, 4, 5)):
@@ -106,9 +129,10 @@ def test_resolve_targets_wrong_count():
         resolve_targets(_random_map(shape=(2, 10)), torch.tensor([1, 2, 3]))
 
 
-@pytest.mark.parametrize("method", METHODS, ids=repr)
-def test_methods_validate_targets(method):
-    model, x = tiny_vit("cls"), tiny_images("cls")
+@pytest.mark.parametrize(("name", "family"), SUPPORTED)
+def test_methods_validate_targets(name, family):
+    method = create_relevance(name)
+    model, x = _model_and_images(family)
     with pytest.raises(ValueError, match=r"\[0, 9\]"):
         method(model, x, torch.tensor([0, 10]))
     rel = method(model, x)
@@ -120,31 +144,37 @@ def test_methods_validate_targets(method):
 # autograd modes
 
 
-@pytest.mark.parametrize("method", METHODS, ids=repr)
-def test_inference_mode_is_refused(method):
-    model, x = tiny_vit("cls"), tiny_images("cls")
+@pytest.mark.parametrize(("name", "family"), SUPPORTED)
+def test_inference_mode_is_refused(name, family):
+    method = create_relevance(name)
+    model, x = _model_and_images(family)
     with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
         method(model, x)
 
 
-@pytest.mark.parametrize("method", METHODS, ids=repr)
-def test_differentiable_false(method):
-    model, x = tiny_vit("reg"), tiny_images("reg")
+@pytest.mark.parametrize(("name", "family"), SUPPORTED)
+def test_differentiable_false(name, family):
+    method = create_relevance(name)
+    model, x = (tiny_vit("reg"), tiny_images("reg")) if family == "vit" else _model_and_images(family)
     rel = method(model, x, TARGETS, differentiable=False)
     assert not rel.maps.requires_grad and not rel.raw.requires_grad
     assert rel.logits.requires_grad  # still usable for the classification loss
     torch.testing.assert_close(rel.logits, model(x), rtol=1e-12, atol=1e-12)
     on = method(model, x, TARGETS)
-    assert on.maps.requires_grad and on.raw.requires_grad
+    differentiable = method.differentiability != "none"  # the class flag: maps in the graph or detached
+    assert on.maps.requires_grad == on.raw.requires_grad == differentiable
     torch.testing.assert_close(rel.maps, on.maps.detach(), rtol=0, atol=0)
     torch.testing.assert_close(rel.raw, on.raw.detach(), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("method", METHODS, ids=repr)
-def test_result_shapes(method):
-    model, x = tiny_vit("cls"), tiny_images("cls")
+@pytest.mark.parametrize(("name", "family"), SUPPORTED)
+def test_result_shapes(name, family):
+    method = create_relevance(name)
+    model, x = _model_and_images(family)
     rel = method(model, x, TARGETS)
-    assert rel.maps.shape == rel.raw.shape == (2, 4, 6)
+    assert rel.maps.shape == rel.raw.shape and rel.maps.dim() == 3 and rel.maps.shape[0] == 2
+    if family == "vit" and rel.maps.shape[1:] != x.shape[2:]:  # a patch-grid method: the model's 4 x 6 grid
+        assert rel.maps.shape == (2, 4, 6)
     assert rel.logits.shape == (2, 10) and torch.equal(rel.targets, TARGETS)
     assert (rel.maps >= 0).all() and (rel.maps <= 1).all()
 
@@ -157,12 +187,11 @@ def _vit(**kw):
     return tiny_vit("cls", **kw)
 
 
-@pytest.mark.parametrize("method", METHODS, ids=repr)
-def test_resnet_is_unsupported(method):
-    torch.manual_seed(0)
-    model = timm.create_model("resnet18", pretrained=False, num_classes=10).eval()
-    with pytest.raises(UnsupportedModelError, match="ResNet"):
-        method(model, torch.randn(1, 3, 32, 32))
+@pytest.mark.parametrize(("name", "family"), UNSUPPORTED)
+def test_a_family_the_method_does_not_list_is_refused(name, family):
+    model, x = _model_and_images(family)
+    with pytest.raises(UnsupportedModelError, match=type(model).__name__):
+        create_relevance(name)(model, x)
 
 
 def test_drop_path_in_training_is_unsupported_by_attn_lrp():

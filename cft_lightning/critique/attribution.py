@@ -14,12 +14,16 @@ background set) or black images; LVLM-VA does not publish its choice, our defaul
 training images (see `cft critique --shap_baselines`).
 
 `RelevanceAttribution` wraps any `RelevanceMethod`: its signed raw map, bilinearly upsampled from the patch
-grid to the pixels (pixel-level methods such as `InputXGradient` pass through unchanged).
+grid to the pixels (pixel-level methods such as `InputXGradient` pass through unchanged). Any registered relevance
+method (`cft_lightning.relevance.list_relevance()`, plugins included) or a class path `pkg.module.Class` names
+one; `input_grad` keeps its signed channel sum here (`channels="sum"`), since PPEPS-WGM segments the positive part.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+from cft_lightning._registry import SHIPPED_RELEVANCE
 
 if TYPE_CHECKING:  # torch is imported where an attribution runs, so `cft critique --help` stays light
     from torch import Tensor, nn
@@ -29,8 +33,11 @@ if TYPE_CHECKING:  # torch is imported where an attribution runs, so `cft critiq
 __all__ = ["ATTRIBUTIONS", "Attributor", "DeepLiftShapAttribution", "RelevanceAttribution", "build_attributor",
            "is_vit"]
 
-# `cft critique --attribution`: `auto` picks DeepLIFT-SHAP for CNNs and MLPs, input x gradient for ViTs
-ATTRIBUTIONS = ("auto", "deeplift_shap", "ixg", "input_grad", "attnlrp", "rollout", "gradcam")
+# `cft critique --attribution`: `auto` picks DeepLIFT-SHAP for CNNs and MLPs, input x gradient for ViTs; then
+# every shipped relevance method (for help texts: plugins' names and class paths are accepted too)
+ATTRIBUTIONS = ("auto", "deeplift_shap", *SHIPPED_RELEVANCE)
+# arguments the critique gives a registered relevance method: a signed map (the positive part is segmented)
+_ATTRIBUTION_ARGS: dict[str, dict[str, Any]] = {"input_grad": {"channels": "sum"}}
 
 
 class Attributor(Protocol):
@@ -92,9 +99,10 @@ def is_vit(model: nn.Module) -> bool:
 
 
 def build_attributor(name: str, model: nn.Module, baselines: Tensor | None = None) -> Attributor:
-    """The attributor called `name` (see ATTRIBUTIONS); `auto` picks DeepLIFT-SHAP unless the model is a ViT.
-    DeepLIFT-SHAP needs `baselines` (K >= 2 images); a relevance method is checked against `model` here."""
-    from cft_lightning.relevance import AttnLRP, GradCAM, GradientRollout, InputGradient, InputXGradient
+    """The attributor called `name`: `auto` (DeepLIFT-SHAP unless the model is a ViT, then `ixg`),
+    `deeplift_shap`, or a relevance method's registered name or class path. DeepLIFT-SHAP needs `baselines`
+    (K >= 2 images); a relevance method is checked against `model` here."""
+    from cft_lightning.relevance import create_relevance
 
     if name == "auto":
         name = "ixg" if is_vit(model) else "deeplift_shap"
@@ -102,10 +110,6 @@ def build_attributor(name: str, model: nn.Module, baselines: Tensor | None = Non
         if baselines is None:
             raise ValueError("deeplift_shap needs baseline images")
         return DeepLiftShapAttribution(baselines)
-    methods = {"ixg": InputXGradient, "input_grad": lambda: InputGradient(channels="sum"), "attnlrp": AttnLRP,
-               "rollout": GradientRollout, "gradcam": GradCAM}
-    if name not in methods:
-        raise ValueError(f"unknown attribution {name!r}; choose from {ATTRIBUTIONS}")
-    method = methods[name]()
+    method = create_relevance(name, **_ATTRIBUTION_ARGS.get(name, {}))
     method.check_model(model)
     return RelevanceAttribution(method, name)

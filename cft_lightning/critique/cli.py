@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cft_lightning.critique.attribution import ATTRIBUTIONS, build_attributor, is_vit
-from cft_lightning.errors import CommandFailed, DataError
+from cft_lightning.errors import CommandFailed, DataError, UnknownPluginError
 
 __all__ = ["main"]
 
@@ -44,8 +44,9 @@ def _parser() -> argparse.ArgumentParser:
                    "the masks and the report (default: %(default)s, every image)")
     p.add_argument("--target", default="label", choices=["label", "prediction"],
                    help="class the attribution explains (default: %(default)s)")
-    p.add_argument("--attribution", default="auto", choices=ATTRIBUTIONS,
-                   help="auto: deeplift_shap for CNNs/MLPs, ixg for ViTs (default: %(default)s)")
+    p.add_argument("--attribution", default="auto",
+                   help=f"{', '.join(ATTRIBUTIONS)}, a relevance method a plugin registers (CFT_PLUGINS) or a class "
+                   "path pkg.module.Class; auto: deeplift_shap for CNNs/MLPs, ixg for ViTs (default: %(default)s)")
     p.add_argument("--shap_baselines", type=int, default=8,
                    help="DeepLIFT-SHAP: K random training images (default: %(default)s)")
     p.add_argument("--critic", default="lvlm", choices=["lvlm", "oracle"],
@@ -112,6 +113,13 @@ def main(argv: list[str] | None = None) -> None:
     data = Path(args.data)
     if not data.is_dir():
         raise DataError(f"--data {data} is not a folder")
+    if args.attribution not in ("auto", "deeplift_shap"):  # a relevance method: resolved before the model loads
+        from cft_lightning.relevance import relevance_class
+
+        try:
+            relevance_class(args.attribution)
+        except UnknownPluginError as exc:
+            raise UnknownPluginError(f"--attribution: {exc}; or auto, deeplift_shap") from exc
     model = list(load_models(args).values())[-1].eval()  # a checkpoint: its fine-tuned model
     classes = (Path(args.classes).read_text(encoding="utf-8").split() if args.classes
                else sorted(p.name for p in data.iterdir() if p.is_dir()))

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cft_lightning.benchmarks.shortcut_parts import ShortcutPartsSpec
-from cft_lightning.demo.settings import METHOD_GROUPS, METHOD_NAMES, DemoSettings
+from cft_lightning.demo.settings import METHOD_GROUPS, METHOD_NAMES, DemoSettings, method_syntax
 
 __all__ = ["DemoSettings", "collect", "main", "run_demo"]
 
@@ -39,10 +39,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", default=d.seeds,
                    help="seeds to run; each has its own starting model and few-shot draw (default: %(default)s)")
     groups = "; ".join(f"{name} = {' '.join(members)}" for name, members in METHOD_GROUPS.items())
-    p.add_argument("--methods", nargs="+", default=d.methods, choices=[*sorted(METHOD_NAMES), *METHOD_GROUPS],
-                   metavar="METHOD",
+    p.add_argument("--methods", nargs="+", default=d.methods, metavar="METHOD",
                    help=f"fine-tuning methods compared on the same starting model (default: %(default)s): "
-                   f"{', '.join(sorted(METHOD_NAMES))}; or a group: {groups} (docs/demo.md)")
+                   f"{', '.join(sorted(METHOD_NAMES))}; or a group: {groups}; or {method_syntax()}, e.g. cft+ixg "
+                   "or my_pkg.mod.MyReg (docs/demo.md, docs/extending.md)")
     p.add_argument("--spurious_rate", type=float, default=b.spurious_rate,
                    help="share of train/val/ID-test images on their class's background (default: %(default)s)")
     p.add_argument("--decoy", action="store_true", help="also draw a class-coloured decoy square")

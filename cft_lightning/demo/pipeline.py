@@ -31,86 +31,54 @@ from cft_lightning.data.transforms import build_transforms
 from cft_lightning.demo.settings import (
     ALL_METHODS,
     CRITIC_KIND,
+    DEFAULT_RELEVANCE,
     METHOD_GROUPS,
-    METHOD_NAMES,
     METHOD_OPTIONS,
     PROBE_METHODS,
+    RECIPES,
     TABLE7_METHODS,
     DemoSettings,
+    parse_method,
 )
 from cft_lightning.demo.start import build_start, demo_trainer, stage_note, torch_threads
+from cft_lightning.errors import PluginError, UnknownPluginError
 from cft_lightning.models import GuidedFineTuner
 from cft_lightning.models.backbone import build_backbone, resolve_data_config
-from cft_lightning.regularizers import (
-    CFT,
-    RRDA,
-    RRR,
-    GradMask,
-    LVLMCritic,
-    ObjectMaskGuidance,
-    PlainFineTuning,
-    Regularizer,
-    RobustViT,
-)
-from cft_lightning.relevance import IIA, AttnLRP, GradCAM, GradientRollout, InputXGradient
+from cft_lightning.regularizers import Regularizer, create_regularizer
+from cft_lightning.relevance import AttnLRP, RelevanceMethod, create_relevance
 
 __all__ = [
     "ALL_METHODS",
-    "METHODS",
     "METHOD_OPTIONS",
     "METHOD_GROUPS",
     "PROBE_METHODS",
+    "RECIPES",
     "TABLE7_METHODS",
     "DemoSettings",
+    "build_method",
     "collect",
     "oracle_critic_store",
     "run_demo",
 ]
 
-# name -> (regularizer, relevance method) factories; every method fine-tunes the same pretrained model with the
-# same learning rate and epochs (the demo's), and the loss weights of its paper (CFT Table 8 for ViT-B).
-METHODS: dict[str, Any] = {
-    "plain": lambda: (PlainFineTuning(consistency_target="label"), None),
-    "object": lambda: (ObjectMaskGuidance(), AttnLRP()),
-    "cft": lambda: (CFT(), AttnLRP()),
-    # CFT with CP-LRP: no relevance through q and k (LXT's recommendation for ViTs)
-    "cft_cp": lambda: (CFT(), AttnLRP(attention_rule="cp")),
-    # the paper's "w/ ground-truth" ablation: consistency CE on the label instead of the model's own argmax
-    "cft_gt": lambda: (CFT(consistency_target="label"), AttnLRP()),
-    # the CFT release's regime: gradient rollout with attention gradients held constant
-    "cft_rollout": lambda: (CFT(), GradientRollout()),
-    # probes of why CFT moves maps but not decisions (docs/demo.md):
-    # the map normalised by its positive maximum instead of min-max (a flat background at the minimum no
-    # longer counts as "off"), the prediction explained instead of the label, the input end frozen, and
-    # masks for the whole training split instead of a few images
-    "cft_posmax": lambda: (CFT(), AttnLRP(normalize="positive_max")),
-    # the release's loss form: BCE averaged over all cells, so the (large) background outweighs the concepts
-    "cft_release": lambda: (CFT(loss_form="release"), AttnLRP()),
-    "cft_self": lambda: (CFT(relevance_target="self"), AttnLRP()),
-    "cft_frozen": lambda: (CFT(), AttnLRP()),
-    "cft_full": lambda: (CFT(), AttnLRP()),
-    # the paper's Table 7: CFT with other relevance methods
-    "cft_gradcam": lambda: (CFT(), GradCAM()),
-    "cft_iia": lambda: (CFT(), IIA(steps=10)),
-    "cft_ixg": lambda: (CFT(), InputXGradient()),
-    "rrr": lambda: (RRR(), None),
-    "gradmask": lambda: (GradMask(), None),
-    "rrda": lambda: (RRDA(), None),
-    # positive control: RRDA with the object masks of the whole biased training split (every image, half of
-    # them pasted on another class's background): shows the benchmark registers a repair when one happens
-    "rrda_full": lambda: (RRDA(), None),
-    "robust_vit": lambda: (RobustViT(), GradientRollout()),
-    # LVLM-VA's alignment with an oracle critic: the benchmark's background masks as corrective masks.
-    # These three keep the penalty summed over the batch of 8 (`batch_sum`), the form docs/demo.md's numbers
-    # were measured with: 8 times the paper's per-image lambda (`reduction="sum"`, LVLMCritic's default)
-    "lvlm_va": lambda: (LVLMCritic(alignment_ratio=0.5, reduction="batch_sum"), None),
-    # the same with LVLM-VA's DecoyMNIST lambda (1e5; lambda = 1 above is its value on real data)
-    "lvlm_va_1e5": lambda: (LVLMCritic(grad_weight=1e5, alignment_ratio=0.5, reduction="batch_sum"), None),
-    # LVLM-VA's upper bound on a decoy benchmark: RRR on the ground-truth decoy masks of every few-shot image
-    "rrr_decoy_gt": lambda: (RRR(grad_weight=1.0, cls_weight=1.0, mask_kind="decoy", mask_role="irrelevant",
-                                 reduction="batch_sum"), None),
-}
-assert set(METHODS) == set(METHOD_NAMES), "demo/settings.py METHOD_NAMES must list exactly the METHODS"
+def build_method(spec: str) -> tuple[Regularizer, RelevanceMethod | None]:
+    """The regularizer and relevance method a `--methods` entry fine-tunes with: a recipe (`RECIPES`) or
+    `REGULARIZER[+RELEVANCE]` (registered names or class paths, built with their defaults). A regularizer that
+    needs relevance gets `DEFAULT_RELEVANCE` (AttnLRP) when none is named; one that needs none refuses one."""
+    recipe = parse_method(spec)
+    try:
+        regularizer = create_regularizer(recipe.regularizer, **recipe.regularizer_args)
+        name = recipe.relevance
+        if not regularizer.requirements.relevance:
+            if name is not None and spec not in RECIPES:
+                raise PluginError(f"cft demo --methods {spec!r}: {type(regularizer).__name__} uses no relevance "
+                                  f"method; drop +{name}")
+            return regularizer, None
+        return regularizer, create_relevance(name or DEFAULT_RELEVANCE, **recipe.relevance_args)
+    except UnknownPluginError as exc:
+        bare = spec not in RECIPES and "+" not in spec
+        message = f"{spec!r} is no recipe or group and {exc}" if bare else f"{spec!r}: {exc}"
+        raise UnknownPluginError(f"cft demo --methods {message} (recipes and groups: cft demo --help)") from exc
 
 
 def fewshot_root(settings: DemoSettings, data: Path, out: Path) -> Path:
@@ -214,14 +182,13 @@ def finetune_and_test(settings: DemoSettings, data: Path, seed: int, method: str
                       out: Path) -> dict[str, Any]:
     """Fine-tune the pretrained model with `method` and test Original vs fine-tuned; returns the results."""
     L.seed_everything(seed, workers=True)
-    regularizer: Regularizer
-    regularizer, relevance = METHODS[method]()
+    regularizer, relevance = build_method(method)
     options = METHOD_OPTIONS.get(method, {})
     full = bool(options.get("full_split"))
     model = GuidedFineTuner(settings.backbone(str(weights)), regularizer, relevance, lr=settings.finetune_lr,
                             lr_step_size=0, frozen=options.get("frozen"))
     classes = sorted(p.name for p in (data / "images" / "train").iterdir() if p.is_dir())
-    extra_kinds = [k for k in regularizer.required_masks if k != CRITIC_KIND]  # e.g. decoy (critic: made below)
+    extra_kinds = [k for k in regularizer.requirements.masks if k != CRITIC_KIND]  # e.g. decoy (critic: below)
     kwargs: dict[str, Any] = dict(
         root=str(fewshot_root(settings, data, out.parent)), classes=classes, masks=str(mask_store(settings, data)),
         mask_kinds=list(dict.fromkeys(["concept", "object", *extra_kinds])),
@@ -341,9 +308,8 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
 
 
 def _run_demo(settings: DemoSettings) -> dict[str, Any]:
-    unknown = [m for m in settings.methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"cft demo: unknown method(s) {unknown}; available: {sorted(METHODS)}")
+    for method in settings.methods:  # every entry resolves before anything is built or trained
+        build_method(method)
     out = Path(settings.out)
     stage_note("checking (or generating) the shortcut-parts benchmark", settings.progress)
     data = build_shortcut_parts(settings.data_dir, settings.benchmark, progress=settings.progress)

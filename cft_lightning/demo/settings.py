@@ -1,7 +1,9 @@
-"""What `cft demo` can be asked to do: its settings and the names of its methods and method groups.
+"""What `cft demo` can be asked to do: its settings, its recipes (the methods it compares) and method groups.
 
-Kept free of torch and Lightning imports so that `cft demo --help` is instant; the methods themselves (the
-regularizer and relevance factories) are in `demo/pipeline.py`, which checks that both lists agree.
+Kept free of torch and Lightning imports so that `cft demo --help` is instant. A recipe names a registered
+regularizer and relevance method (`cft_lightning.regularizers` / `cft_lightning.relevance`) with the arguments
+they are built with; `demo/pipeline.py` builds them through the registries. Beside the recipes, `--methods`
+takes `REGULARIZER[+RELEVANCE]`, each a registered name or a class path (`parse_method`).
 """
 
 from __future__ import annotations
@@ -9,36 +11,72 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from cft_lightning._registry import SHIPPED_REGULARIZERS, SHIPPED_RELEVANCE
 from cft_lightning.benchmarks.shortcut_parts import ShortcutPartsSpec
+from cft_lightning.errors import PluginError
 
-__all__ = ["ALL_METHODS", "CRITIC_KIND", "METHOD_GROUPS", "METHOD_NAMES", "METHOD_OPTIONS", "PROBE_METHODS",
-           "TABLE7_METHODS", "DemoSettings"]
+__all__ = ["ALL_METHODS", "CRITIC_KIND", "DEFAULT_RELEVANCE", "METHOD_GROUPS", "METHOD_NAMES", "METHOD_OPTIONS",
+           "PROBE_METHODS", "RECIPES", "TABLE7_METHODS", "DemoSettings", "Recipe", "method_syntax", "parse_method"]
 
-# every method `cft demo --methods` knows (`demo/pipeline.py` METHODS: what each one is)
-METHOD_NAMES = (
-    "plain",
-    "object",
-    "cft",
-    "cft_cp",
-    "cft_gt",
-    "cft_rollout",
-    "cft_posmax",
-    "cft_release",
-    "cft_self",
-    "cft_frozen",
-    "cft_full",
-    "cft_gradcam",
-    "cft_iia",
-    "cft_ixg",
-    "rrr",
-    "gradmask",
-    "rrda",
-    "rrda_full",
-    "robust_vit",
-    "lvlm_va",
-    "lvlm_va_1e5",
-    "rrr_decoy_gt",
-)
+
+@dataclass(frozen=True)
+class Recipe:
+    """One `cft demo` method: a regularizer and (when it is guided) a relevance method, each a registered name
+    or a class path, with the arguments it is built with."""
+
+    regularizer: str
+    relevance: str | None = None
+    regularizer_args: dict[str, Any] = field(default_factory=dict)
+    relevance_args: dict[str, Any] = field(default_factory=dict)
+
+
+# the relevance method of a `REGULARIZER` given without `+RELEVANCE` whose requirements ask for one
+DEFAULT_RELEVANCE = "attnlrp"
+
+# every recipe `cft demo --methods` knows; every method fine-tunes the same pretrained model with the same
+# learning rate and epochs (the demo's), and the loss weights of its paper (CFT Table 8 for ViT-B)
+RECIPES: dict[str, Recipe] = {
+    "plain": Recipe("plain", None, {"consistency_target": "label"}),
+    "object": Recipe("object", "attnlrp"),
+    "cft": Recipe("cft", "attnlrp"),
+    # CFT with CP-LRP: no relevance through q and k (LXT's recommendation for ViTs)
+    "cft_cp": Recipe("cft", "cp_lrp"),
+    # the paper's "w/ ground-truth" ablation: consistency CE on the label instead of the model's own argmax
+    "cft_gt": Recipe("cft", "attnlrp", {"consistency_target": "label"}),
+    # the CFT release's regime: gradient rollout with attention gradients held constant
+    "cft_rollout": Recipe("cft", "rollout"),
+    # probes of why CFT moves maps but not decisions (docs/demo.md):
+    # the map normalised by its positive maximum instead of min-max (a flat background at the minimum no
+    # longer counts as "off"), the prediction explained instead of the label, the input end frozen, and
+    # masks for the whole training split instead of a few images
+    "cft_posmax": Recipe("cft", "attnlrp", relevance_args={"normalize": "positive_max"}),
+    # the release's loss form: BCE averaged over all cells, so the (large) background outweighs the concepts
+    "cft_release": Recipe("cft", "attnlrp", {"loss_form": "release"}),
+    "cft_self": Recipe("cft", "attnlrp", {"relevance_target": "self"}),
+    "cft_frozen": Recipe("cft", "attnlrp"),
+    "cft_full": Recipe("cft", "attnlrp"),
+    # the paper's Table 7: CFT with other relevance methods
+    "cft_gradcam": Recipe("cft", "gradcam"),
+    "cft_iia": Recipe("cft", "iia", relevance_args={"steps": 10}),
+    "cft_ixg": Recipe("cft", "ixg"),
+    "rrr": Recipe("rrr"),
+    "gradmask": Recipe("gradmask"),
+    "rrda": Recipe("rrda"),
+    # positive control: RRDA with the object masks of the whole biased training split (every image, half of
+    # them pasted on another class's background): shows the benchmark registers a repair when one happens
+    "rrda_full": Recipe("rrda"),
+    "robust_vit": Recipe("robust_vit", "rollout"),
+    # LVLM-VA's alignment with an oracle critic: the benchmark's background masks as corrective masks.
+    # These three keep the penalty summed over the batch of 8 (`batch_sum`), the form docs/demo.md's numbers
+    # were measured with: 8 times the paper's per-image lambda (`reduction="sum"`, LVLMCritic's default)
+    "lvlm_va": Recipe("lvlm_va", None, {"alignment_ratio": 0.5, "reduction": "batch_sum"}),
+    # the same with LVLM-VA's DecoyMNIST lambda (1e5; lambda = 1 above is its value on real data)
+    "lvlm_va_1e5": Recipe("lvlm_va", None, {"grad_weight": 1e5, "alignment_ratio": 0.5, "reduction": "batch_sum"}),
+    # LVLM-VA's upper bound on a decoy benchmark: RRR on the ground-truth decoy masks of every few-shot image
+    "rrr_decoy_gt": Recipe("rrr", None, {"grad_weight": 1.0, "cls_weight": 1.0, "mask_kind": "decoy",
+                                         "mask_role": "irrelevant", "reduction": "batch_sum"}),
+}
+METHOD_NAMES = tuple(RECIPES)
 # methods that change more than the objective: `frozen` backbone parameter prefixes, `full_split` (every
 # training image of every class, `DemoSettings.full_split_epochs` epochs, instead of the few-shot subset)
 METHOD_OPTIONS: dict[str, dict[str, Any]] = {
@@ -55,6 +93,25 @@ PROBE_METHODS = ["cft", "cft_gt", "cft_self", "cft_posmax", "cft_release", "cft_
 TABLE7_METHODS = ["cft", "cft_rollout", "cft_iia", "cft_gradcam", "cft_ixg"]
 METHOD_GROUPS = {"all": ALL_METHODS, "table7": TABLE7_METHODS, "probes": PROBE_METHODS}
 CRITIC_KIND = "critic"
+
+
+def method_syntax() -> str:
+    """What `--methods` takes besides the recipes and groups, for help texts and errors."""
+    return (f"REGULARIZER[+RELEVANCE], each a registered name or a class path pkg.module.Class (regularizers: "
+            f"{', '.join(SHIPPED_REGULARIZERS)}; relevance methods: {', '.join(SHIPPED_RELEVANCE)}; a guided "
+            f"regularizer without +RELEVANCE gets {DEFAULT_RELEVANCE})")
+
+
+def parse_method(spec: str) -> Recipe:
+    """The recipe of a `--methods` entry: a named recipe, or `REGULARIZER[+RELEVANCE]` built with defaults.
+
+    The entry names the method's folder and its row in the tables, so it is kept as written."""
+    if spec in RECIPES:
+        return RECIPES[spec]
+    regularizer, plus, relevance = spec.partition("+")
+    if not regularizer or (plus and not relevance) or "+" in relevance or "/" in spec or spec.strip() != spec:
+        raise PluginError(f"cft demo --methods {spec!r}: expected a recipe, a group or {method_syntax()}")
+    return Recipe(regularizer, relevance or None)
 
 
 @dataclass

@@ -80,6 +80,9 @@ class Regularizer(RecordsInitArgs, ABC):
         mask_kind: the one mask kind the method reads (it replaces `required_masks`).
         consistency_target: `reference` makes the fine-tuner compute the frozen reference's logits.
         alignment_ratio: share of every training batch drawn from the images with a `mask_kind` mask.
+
+    Register one under a name with `@register_regularizer("name")` (`cft_lightning.regularizers`): `cft demo
+    --methods` and the contract tests then know it (docs/extending.md).
     """
 
     required_masks: ClassVar[tuple[str, ...]] = ()

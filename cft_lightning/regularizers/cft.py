@@ -16,6 +16,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from cft_lightning._registry import register_regularizer
 from cft_lightning.regularizers.base import (
     CONSISTENCY_TARGETS,
     ConsistencyTarget,
@@ -63,6 +64,7 @@ def _region_mean(values: Tensor, weights: Tensor) -> Tensor:
     return (per_image * valid).sum() / valid.sum().clamp_min(1.0)
 
 
+@register_regularizer("cft")
 class CFT(Regularizer):
     """The CFT objective: relevance pulled onto concept masks, pushed off the rest, plus consistency CE.
 

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cft_lightning._registry import register_regularizer
 from cft_lightning.regularizers._input_gradient import input_gradient, masked_region
 from cft_lightning.regularizers.base import (
     Regularizer,
@@ -37,6 +38,7 @@ GradMaskForm = Literal["additive", "authors"]
 __all__ = ["GradMask", "GradMaskForm"]
 
 
+@register_regularizer("gradmask")
 class GradMask(Regularizer):
     """Input-gradient saliency of the target logit, squared, outside the foreground mask."""
 

@@ -18,11 +18,13 @@ the paper's lambda means the same here at any batch size.
 
 from __future__ import annotations
 
+from cft_lightning._registry import register_regularizer
 from cft_lightning.regularizers.rrr import RRR, Reduction
 
 __all__ = ["LVLMCritic"]
 
 
+@register_regularizer("lvlm_va")
 class LVLMCritic(RRR):
     """RRR on critic masks (`mask_role: irrelevant`), expecting batches mixed with alignment samples."""
 

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from cft_lightning._registry import register_regularizer
 from cft_lightning.regularizers.cft import CFT
 
 __all__ = ["ObjectMaskGuidance"]
 
 
+@register_regularizer("object")
 class ObjectMaskGuidance(CFT):
     """The CFT loss on object masks instead of concept masks (the paper's "Segmentation" ablation,
     RobustViT-style guidance with CFT's loss). Same weights and switches as `CFT`."""

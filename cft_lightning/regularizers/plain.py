@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from cft_lightning._registry import register_regularizer
 from cft_lightning.regularizers.base import (
     CONSISTENCY_TARGETS,
     ConsistencyTarget,
@@ -21,6 +22,7 @@ from cft_lightning.relevance.base import RelevanceMethod
 __all__ = ["PlainFineTuning"]
 
 
+@register_regularizer("plain")
 class PlainFineTuning(Regularizer):
     """Cross-entropy only, no relevance: the control every guided method is compared with."""
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from cft_lightning._registry import register_regularizer
 from cft_lightning.regularizers.base import (
     CONSISTENCY_TARGETS,
     ConsistencyTarget,
@@ -42,6 +43,7 @@ def robust_vit_terms(maps: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
     return background, foreground
 
 
+@register_regularizer("robust_vit")
 class RobustViT(Regularizer):
     """RobustViT's segmentation-guided objective (MSE on background and foreground relevance)."""
 

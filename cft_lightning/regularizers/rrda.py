@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cft_lightning._registry import register_regularizer
 from cft_lightning.regularizers.base import (
     Regularizer,
     RegularizerOutput,
@@ -72,6 +73,7 @@ def composite_foregrounds(
     return torch.where(applied[:, None, None, None], mixed, images), partner, applied
 
 
+@register_regularizer("rrda")
 class RRDA(Regularizer):
     """Cross-entropy on batches where foregrounds are pasted onto other classes' contexts."""
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cft_lightning._registry import register_regularizer
 from cft_lightning.regularizers._input_gradient import input_gradient, masked_region
 from cft_lightning.regularizers.base import (
     CONSISTENCY_TARGETS,
@@ -63,6 +64,7 @@ def penalty_reduce(values: Tensor, weight: Tensor, reduction: Reduction) -> Tens
     raise ValueError(f"unknown reduction {reduction!r}; expected one of {', '.join(map(repr, REDUCTIONS))}")
 
 
+@register_regularizer("rrr")
 class RRR(Regularizer):
     """Cross-entropy plus the squared input gradient of the log-probabilities on the masked-out pixels."""
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from cft_lightning._registry import register_relevance
 from cft_lightning.relevance._vit import BlockRecord, NormRecord, ViTTrace, check_vit, trace_vit
 from cft_lightning.relevance.base import Normalization, RelevanceMethod, resolve_targets
 from cft_lightning.relevance.rules import (
@@ -72,11 +73,13 @@ def rule_backward(model: nn.Module, trace: ViTTrace, targets: Tensor, rule: Atte
     return g_tokens[:, prefix:]
 
 
+@register_relevance("attnlrp")
 class AttnLRP(RelevanceMethod):
     """AttnLRP relevance of timm ViTs on the patch grid (ViT, DeiT-III, DINOv2 incl. registers)."""
 
     differentiability = "exact"
     architectures = ("timm VisionTransformer",)
+    families = ("vit",)
 
     def __init__(
         self, attention_rule: AttentionRule = "attnlrp", normalize: Normalization = "minmax", eps: float = 1e-8
@@ -105,3 +108,7 @@ class AttnLRP(RelevanceMethod):
             g = rule_backward(model, trace, targets, self.attention_rule)
             raw = (trace.patch_tokens * g).sum(dim=-1)
         return raw.view(raw.shape[0], *trace.grid), trace.logits, targets
+
+
+# CP-LRP: q and k get no relevance (LXT's recommendation for ViTs)
+register_relevance("cp_lrp", AttnLRP, attention_rule="cp")

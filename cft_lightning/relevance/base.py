@@ -18,6 +18,7 @@ from cft_lightning._plugins import RecordsInitArgs
 
 Differentiability = Literal["exact", "attention_only", "none"]
 Normalization = Literal["minmax", "positive_max"]
+ModelFamily = Literal["vit", "cnn"]
 
 
 @dataclass
@@ -80,10 +81,20 @@ class RelevanceMethod(RecordsInitArgs, ABC):
             `attention_only` gradients of the attention maps are held constant (RobustViT / CFT release),
             `none` the map is detached.
         architectures: model families the method supports (for error messages and docs).
+        families: the families it explains, `vit` (timm VisionTransformer) and/or `cnn` (convolutional feature
+            maps, e.g. ResNet, ConvNeXt); `check_model` refuses a model of a family not listed. The contract
+            tests run the method on each listed family and check the refusal on the others.
+        explains_layer: it explains one module, named by its `layer` argument (None: `layer_for(model)`);
+            `cft explain --layer` applies to such methods.
+
+    Register a method under a name with `@register_relevance("name")` (`cft_lightning.relevance`): `cft explain`,
+    `cft critique`, `cft demo` and the contract tests then know it (docs/extending.md).
     """
 
     differentiability: ClassVar[Differentiability] = "none"
     architectures: ClassVar[tuple[str, ...]] = ()
+    families: ClassVar[tuple[ModelFamily, ...]] = ("vit", "cnn")
+    explains_layer: ClassVar[bool] = False
 
     def __init__(self, normalize: Normalization = "minmax", eps: float = 1e-8) -> None:
         """
@@ -127,6 +138,10 @@ class RelevanceMethod(RecordsInitArgs, ABC):
 
         The default accepts every model; methods tied to an architecture override it.
         """
+        return None
+
+    def layer_for(self, model: nn.Module) -> str | None:
+        """The module this method explains in `model` (a dotted path) when it `explains_layer`, else None."""
         return None
 
     @abstractmethod

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from cft_lightning._registry import register_relevance
 from cft_lightning.errors import UnsupportedModelError
 from cft_lightning.relevance._attention import patch_grid
 from cft_lightning.relevance._layers import cnn_feature_layers, layer_activation_and_gradient, resolve_module
@@ -39,11 +40,13 @@ def default_cam_layer(model: nn.Module) -> str:
     )
 
 
+@register_relevance("gradcam")
 class GradCAM(RelevanceMethod):
     """Gradient-weighted class activation map of one layer, on that layer's grid."""
 
     differentiability = "exact"
     architectures = ("timm ViTs (token layers)", "CNNs (feature-map layers)")
+    explains_layer = True
 
     def __init__(self, layer: str | None = None, normalize: Normalization = "minmax", eps: float = 1e-8) -> None:
         """
@@ -58,6 +61,9 @@ class GradCAM(RelevanceMethod):
 
     def check_model(self, model: nn.Module) -> None:
         resolve_module(model, self.layer or default_cam_layer(model))
+
+    def layer_for(self, model: nn.Module) -> str:
+        return self.layer or default_cam_layer(model)
 
     def explain(
         self, model: nn.Module, images: Tensor, targets: Tensor | None, *, differentiable: bool

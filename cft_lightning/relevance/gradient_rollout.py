@@ -13,15 +13,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from cft_lightning._registry import register_relevance
 from cft_lightning.relevance._attention import attention_drops, explicit_attention, patch_grid, prediction_row
 from cft_lightning.relevance.base import Normalization, RelevanceMethod, resolve_targets
 
 
+@register_relevance("rollout")
 class GradientRollout(RelevanceMethod):
     """Chefer-style gradient-weighted rollout for timm ViTs, attention gradients held constant."""
 
     differentiability = "attention_only"
     architectures = ("timm VisionTransformer and other timm models whose attention has an `attn_drop`",)
+    families = ("vit",)
 
     def __init__(self, normalize: Normalization = "minmax", eps: float = 1e-8) -> None:
         """

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from cft_lightning._registry import register_relevance
 from cft_lightning.relevance._attention import attention_drops, explicit_attention, patch_grid, prediction_row
 from cft_lightning.relevance.base import Normalization, RelevanceMethod, resolve_targets
 
@@ -65,11 +66,13 @@ def _scaled_pass(
     return maps, grads
 
 
+@register_relevance("iia")
 class IIA(RelevanceMethod):
     """Iterated Integrated Attributions over the image and the last block's attention, batched."""
 
     differentiability = "none"
     architectures = ("timm VisionTransformer and other timm models whose attention has an `attn_drop`",)
+    families = ("vit",)
 
     def __init__(self, steps: int = 10, normalize: Normalization = "minmax", eps: float = 1e-8) -> None:
         """

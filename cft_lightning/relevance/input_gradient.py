@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from cft_lightning._registry import register_relevance
 from cft_lightning.relevance._attention import explicit_attention
 from cft_lightning.relevance.base import Normalization, RelevanceMethod, resolve_targets
 
@@ -55,6 +56,7 @@ def _target_gradient(model: nn.Module, images: Tensor, targets: Tensor | None, d
     return logits, grad, chosen[0]
 
 
+@register_relevance("input_grad")
 class InputGradient(RelevanceMethod):
     """|d logit_target / d pixel|, reduced over the colour channels (sum by default)."""
 
@@ -88,6 +90,7 @@ class InputGradient(RelevanceMethod):
         return raw, logits, targets
 
 
+@register_relevance("ixg")
 class InputXGradient(RelevanceMethod):
     """x . d logit_target / dx summed over the colour channels (signed; LRP-0 for ReLU networks)."""
 

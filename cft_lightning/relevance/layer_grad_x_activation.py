@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from cft_lightning._registry import register_relevance
 from cft_lightning.errors import UnsupportedModelError
 from cft_lightning.relevance._attention import patch_grid
 from cft_lightning.relevance._layers import cnn_feature_layers, layer_activation_and_gradient, resolve_module
@@ -43,11 +44,13 @@ def default_feature_layer(model: nn.Module) -> str:
     )
 
 
+@register_relevance("grad_x_act")
 class LayerGradXActivation(RelevanceMethod):
     """relu(activation x gradient) summed over channels at one layer, on that layer's grid."""
 
     differentiability = "exact"
     architectures = ("CNNs (feature maps, e.g. ConvNeXt-V2 stages)", "timm ViTs (token layers)")
+    explains_layer = True
 
     def __init__(self, layer: str | None = None, positive: bool = True, normalize: Normalization = "minmax",
                  eps: float = 1e-8) -> None:
@@ -64,6 +67,9 @@ class LayerGradXActivation(RelevanceMethod):
 
     def check_model(self, model: nn.Module) -> None:
         resolve_module(model, self.layer or default_feature_layer(model))
+
+    def layer_for(self, model: nn.Module) -> str:
+        return self.layer or default_feature_layer(model)
 
     def explain(
         self, model: nn.Module, images: Tensor, targets: Tensor | None, *, differentiable: bool

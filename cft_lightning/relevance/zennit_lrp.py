@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from cft_lightning._registry import register_relevance
 from cft_lightning.relevance.base import Normalization, RelevanceMethod, resolve_targets
 
 __all__ = ["ZennitLRP"]
@@ -44,6 +45,7 @@ def _pass_through_map() -> list[tuple[Any, Any]]:
     return [(tuple(types), Pass())]
 
 
+@register_relevance("lrp", composite="epsilon_plus_flat")  # CNNs (zennit), explanation only
 class ZennitLRP(RelevanceMethod):
     """Pixel relevance (sum over colour channels of LRP's input relevance) with a zennit composite."""
 
