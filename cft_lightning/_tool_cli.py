@@ -33,11 +33,16 @@ Flags keep argparse's habits, so commands written for the argparse versions keep
   flags, so ``--dry_run FILE`` does not read FILE as the flag's value);
 - ``flatten=("grounding",)``: the fields of the dataclass parameter ``grounding`` are top-level flags
   (``--detector``, not ``--grounding.detector``) and the tool receives the dataclass built from them: options
-  shared by several tools are declared once (`masks/grounding_options.py`).
+  shared by several tools are declared once (`masks/grounding_options.py`). A field of a flattened dataclass
+  may be flattened in turn, and its list fields take space-separated values too: `cft demo` is
+  ``Tool(demo_command, flatten=("settings", "benchmark"))``, every field of `DemoSettings` and of its
+  `ShortcutPartsSpec` a top-level flag; ``skip`` leaves parameters or fields out (they keep their defaults).
 
 Validation that a type cannot say (one of two options, a fraction in [0, 1], a name in a registry) stays in
 the function and raises a `CFTUserError` (`cft_lightning/errors.py`), which `cft` prints as one line. This
-module imports only jsonargparse (no torch, no Lightning), so every tool's ``--help`` is quick.
+module imports only jsonargparse (no torch, no Lightning), so every tool's ``--help`` is quick; a tool function's
+string annotations are resolved here, from its module's globals, because jsonargparse would otherwise run the
+module's ``if TYPE_CHECKING:`` imports (torch, for type-only names) to resolve them.
 """
 
 from __future__ import annotations
@@ -95,6 +100,15 @@ def _list_item(hint: Any) -> type | None:
 
 
 @dataclass(frozen=True)
+class _Flat:
+    """A flattened dataclass parameter: its class and the instance its flags default to (None: the class's own
+    defaults)."""
+
+    cls: type
+    default: Any
+
+
+@dataclass(frozen=True)
 class Tool:
     """One `cft` tool: a typed, documented function or dataclass, and how its command line looks.
 
@@ -104,8 +118,10 @@ class Tool:
         description: the help's first lines (default: the target docstring's first paragraph)
         epilog: the help's last lines (what to run next, ...)
         positional: required parameters are positional arguments instead of required flags
-        flatten: dataclass parameters whose fields are top-level flags (see the module docstring)
-        skip: parameters left out of the command line (they keep their defaults)
+        flatten: dataclass parameters whose fields are top-level flags (see the module docstring); a field of a
+            flattened dataclass can be flattened too (`cft demo`: ``("settings", "benchmark")``)
+        skip: parameters, or fields of flattened dataclasses, left out of the command line (they keep their
+            defaults)
     """
 
     target: Callable[..., Any]
@@ -115,16 +131,57 @@ class Tool:
     positional: bool = False
     flatten: tuple[str, ...] = ()
     skip: tuple[str, ...] = ()
-    _flat_types: dict[str, type] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _flat: dict[str, _Flat] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        params = dict((p.name, (p, hint)) for p, hint in _signature(self.target))
-        if "config" in params:
-            raise TypeError(f"{self.prog}: a tool parameter cannot be named 'config' (it is --config)")
-        for name in self.flatten:
-            if name not in params or not dataclasses.is_dataclass(params[name][1]):
-                raise TypeError(f"{self.prog}: flatten={name!r} is not a dataclass parameter of the target")
-            self._flat_types[name] = params[name][1]
+        if inspect.isfunction(self.target):
+            # the hints resolved from the module's globals: with string annotations (PEP 563) jsonargparse would
+            # run the module's `if TYPE_CHECKING:` imports to resolve them (torch for `cft explain --help`)
+            self.target.__annotations__.update(typing.get_type_hints(self.target))
+
+        def walk(params: list[tuple[inspect.Parameter, Any]]) -> None:
+            for param, hint in params:
+                if param.name == "config":
+                    raise TypeError(f"{self.prog}: a tool parameter cannot be named 'config' (it is --config)")
+                if param.name in self.flatten and param.name not in self.skip:
+                    if not dataclasses.is_dataclass(hint):
+                        raise TypeError(f"{self.prog}: flatten={param.name!r} is not a dataclass parameter")
+                    default = param.default if isinstance(param.default, hint) else None
+                    self._flat[param.name] = _Flat(hint, default)  # type: ignore[arg-type]
+                    walk(self._fields(param.name))
+
+        walk(_signature(self.target))
+        missing = set(self.flatten) - set(self._flat) - set(self.skip)
+        if missing:
+            raise TypeError(f"{self.prog}: flatten={sorted(missing)} names no dataclass parameter of the target")
+        names = [param.name for _, param, _ in self._options()]
+        clashes = sorted({name for name in names if names.count(name) > 1})
+        if clashes:
+            raise TypeError(f"{self.prog}: flattening gives two options named {clashes}")
+
+    def _fields(self, name: str) -> list[tuple[inspect.Parameter, Any]]:
+        """(field, type hint) of the flattened parameter ``name``, each with the default its flag shows: the
+        field's value in the default instance, else the class's default."""
+        flat = self._flat[name]
+        fields = _signature(flat.cls)
+        if flat.default is None:
+            return fields
+        return [(p.replace(default=getattr(flat.default, p.name)), hint) for p, hint in fields]
+
+    def _options(self) -> list[tuple[str | None, inspect.Parameter, Any]]:
+        """(owner, parameter, type hint) of every option in help order: the target's parameters (owner None),
+        a flattened parameter's fields in its place (owner: its name); skipped ones left out."""
+        out: list[tuple[str | None, inspect.Parameter, Any]] = []
+
+        def walk(owner: str | None, params: list[tuple[inspect.Parameter, Any]]) -> None:
+            for param, hint in params:
+                if param.name in self._flat:
+                    walk(param.name, self._fields(param.name))
+                elif param.name not in self.skip:
+                    out.append((owner, param, hint))
+
+        walk(None, _signature(self.target))
+        return out
 
     def parser(self, prog: str | None = None) -> ArgumentParser:
         """The tool's parser: ``--config``, ``--print_config`` and one argument per parameter."""
@@ -136,39 +193,42 @@ class Tool:
     def add_to(self, parser: ArgumentParser) -> None:
         """Add ``--config`` and the tool's arguments to ``parser`` (a subcommand's parser, ...)."""
         parser.add_argument("--config", action=ActionConfigFile, help=CONFIG_HELP)
-        signature = [(p, hint) for p, hint in _signature(self.target) if p.name not in self.skip]
-        docs = _docs(self.target)
-        names = {p.name for p, _ in signature} | set(self.skip)
-        bools = {p.name for p, hint in signature if hint is bool}
-        segment: set[str] = set()
+        options = self._options()
+        owners: dict[str | None, Any] = {None: self.target, **{n: f.cls for n, f in self._flat.items()}}
+        docs = {owner: _docs(target) for owner, target in owners.items()}
+        bools = {p.name for _, p, hint in options if hint is bool}
+        segment: list[inspect.Parameter] = []
+        segment_owner: list[str | None] = [None]
 
-        def flush() -> None:  # the parameters collected so far, in signature order, through jsonargparse
-            if segment:
-                kwargs = dict(as_group=False, as_positional=self.positional, skip=names - segment, fail_untyped=True)
-                if inspect.isclass(self.target):
-                    parser.add_class_arguments(self.target, instantiate=False, **kwargs)
-                else:
-                    parser.add_function_arguments(self.target, **kwargs)
-                segment.clear()
+        def flush() -> None:  # the options collected so far, all of one owner, in order, through jsonargparse
+            if not segment:
+                return
+            owner = segment_owner[0]
+            target = owners[owner]
+            skip = {p.name for p, _ in _signature(target)} - {p.name for p in segment}
+            kwargs = dict(as_group=False, skip=skip, fail_untyped=True)
+            if owner is not None:  # a flattened dataclass: its flags default to the default instance's values
+                defaults = {p.name: p.default for p in segment if p.default is not inspect.Parameter.empty}
+                parser.add_class_arguments(target, default=defaults or None, instantiate=False, **kwargs)
+            elif inspect.isclass(target):
+                parser.add_class_arguments(target, instantiate=False, as_positional=self.positional, **kwargs)
+            else:
+                parser.add_function_arguments(target, as_positional=self.positional, **kwargs)
+            segment.clear()
 
-        for param, hint in signature:
-            item = _list_item(hint)
-            if param.name in self._flat_types:
+        for owner, param, hint in options:
+            if owner != segment_owner[0]:
                 flush()
-                cls = self._flat_types[param.name]  # its flags' defaults: the parameter's default instance
-                values = ({f.name: getattr(param.default, f.name) for f in dataclasses.fields(cls)}
-                          if isinstance(param.default, cls) else None)
-                parser.add_class_arguments(cls, as_group=False, default=values, instantiate=False,
-                                           fail_untyped=True)
-                bools |= {p.name for p, h in _signature(cls) if h is bool}
-            elif item is not None:  # argparse's nargs="+", typed, and a list in the YAML
+                segment_owner[0] = owner
+            item = _list_item(hint)
+            if item is not None:  # argparse's nargs="+", typed, and a list in the YAML
                 flush()
                 required = param.default is inspect.Parameter.empty
                 parser.add_argument(f"--{param.name}", type=item, nargs="+", required=required,
                                     default=None if required else param.default,
-                                    help=docs.get(param.name) or param.name)
+                                    help=docs[owner].get(param.name) or param.name)
             else:
-                segment.add(param.name)
+                segment.append(param)
         flush()
         for action in parser._actions:  # bool: `--flag` alone is true, as argparse's store_true
             if action.dest in bools and action.option_strings:
@@ -214,10 +274,13 @@ class Tool:
         return positionals + options, others
 
     def arguments(self, values: Namespace) -> dict[str, Any]:
-        """The target's keyword arguments from a parsed namespace (flattened dataclasses rebuilt)."""
+        """The target's keyword arguments from a parsed namespace (flattened dataclasses rebuilt, innermost
+        first; a skipped field keeps the default instance's value)."""
         kwargs = {k: v for k, v in values.as_dict().items() if k != "config" and not k.startswith("__")}
-        for name, cls in self._flat_types.items():
-            kwargs[name] = cls(**{f.name: kwargs.pop(f.name) for f in dataclasses.fields(cls) if f.name in kwargs})
+        for name, flat in reversed(self._flat.items()):  # discovery order reversed: fields before their owner
+            given = {f.name: kwargs.pop(f.name) for f in dataclasses.fields(flat.cls) if f.name in kwargs}
+            kwargs[name] = (dataclasses.replace(flat.default, **given) if flat.default is not None
+                            else flat.cls(**given))
         return kwargs
 
     def parse(self, argv: list[str] | None = None) -> dict[str, Any]:

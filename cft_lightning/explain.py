@@ -16,13 +16,13 @@ batches.
 
 from __future__ import annotations
 
-import argparse
 import json
 import pickle
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cft_lightning._registry import SHIPPED_RELEVANCE
+from cft_lightning._tool_cli import Tool
 from cft_lightning.errors import DataError
 
 if TYPE_CHECKING:  # torch, timm and the relevance methods load when a command runs, not for `--help`
@@ -31,60 +31,41 @@ if TYPE_CHECKING:  # torch, timm and the relevance methods load when a command r
     from cft_lightning.data.mask_store import MaskStore
     from cft_lightning.relevance import RelevanceMethod
 
-__all__ = ["explain", "load_models", "main", "run_data_config"]
+__all__ = ["TOOL", "check_source", "explain", "explain_command", "load_models", "main", "run_data_config"]
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cft explain", description="Write relevance overlays (PNG) for images.")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ckpt", help="a `cft fit` checkpoint: explains its Original (reference) and fine-tuned model")
-    src.add_argument("--model", help="any timm model name (with --pretrained or --weights)")
-    p.add_argument("--pretrained", action="store_true", help="with --model: timm's pretrained weights (hub)")
-    p.add_argument("--weights", help="with --model: a local weight file (.pth/.bin/.safetensors/.ckpt)")
-    p.add_argument("--num_classes", type=int, default=None, help="with --model: head size (default: the model's)")
-    p.add_argument("--images", required=True, nargs="+", help="image files and/or folders (searched recursively)")
-    p.add_argument("--method", default="attnlrp",
-                   help=f"relevance method: {', '.join(SHIPPED_RELEVANCE)}, a name a plugin registers (CFT_PLUGINS) "
-                   "or a class path pkg.module.Class (docs/extending.md) (default: %(default)s)")
-    p.add_argument("--layer", default=None,
-                   help="with a --method that explains one layer (gradcam, grad_x_act): the module explained, a "
-                   "dotted path (e.g. "
-                   "layer3 or stages.-2 for a CNN, blocks.-1.norm1 for a ViT; default: the method's choice, "
-                   "gradcam the last feature stage, grad_x_act the one before)")
-    p.add_argument("--target", default="pred",
-                   help="class to explain: `pred` (each model's prediction) or a class index (default: pred)")
-    p.add_argument("--masks", help="mask store whose masks are drawn beside the maps (keys: paths under --images)")
-    p.add_argument("--mask_kind", default="concept", help="mask kind to draw (default: %(default)s)")
-    p.add_argument("--classes", default=None,
-                   help="class names for the labels: 'imagenet', a text file with one class per line, or a folder "
-                   "whose sorted sub-folders are the classes (default: imagenet for a 1000-class head, else "
-                   "indices)")
-    p.add_argument("--out", default="runs/explain", help="output folder (default: %(default)s)")
-    p.add_argument("--batch_size", type=int, default=16, help="images explained at once (default: %(default)s)")
-    p.add_argument("--no_progress", action="store_true", help="no progress bar")
-    return p
+def check_source(ckpt: str | None, model: str | None) -> None:
+    """Exactly one of `--ckpt` and `--model` (a one-line error before anything loads)."""
+    if ckpt is None and model is None:
+        raise DataError("one of --ckpt (a `cft fit` checkpoint) and --model (a timm model name) is required")
+    if ckpt is not None and model is not None:
+        raise DataError("--ckpt and --model exclude each other: give one")
 
 
-def load_models(args: argparse.Namespace) -> dict[str, nn.Module]:
-    """{"original": reference, "fine_tuned": model} from a checkpoint, or {"model": model} from a timm name."""
+def load_models(ckpt: str | None = None, model: str | None = None, pretrained: bool = False,
+                weights: str | None = None, num_classes: int | None = None) -> dict[str, nn.Module]:
+    """{"original": reference, "fine_tuned": model} from a `cft fit` checkpoint, or {"model": model} from a timm
+    name with hub (`pretrained`) or local (`weights`) weights; exactly one of `ckpt` and `model` (the flags of
+    `cft explain` and `cft critique`)."""
     from cft_lightning.models.backbone import BackboneSpec, build_backbone
 
-    if args.ckpt:
+    check_source(ckpt, model)
+    if ckpt is not None:
         from cft_lightning.models import GuidedFineTuner
 
-        if not Path(args.ckpt).is_file():
-            raise DataError(f"--ckpt: {args.ckpt} does not exist")
+        if not Path(ckpt).is_file():
+            raise DataError(f"--ckpt: {ckpt} does not exist")
         try:  # weights only: a checkpoint that would run pickled code is refused, not executed
-            module = GuidedFineTuner.load_from_checkpoint(args.ckpt, map_location="cpu", weights_only=True)
+            module = GuidedFineTuner.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
-            raise DataError(f"--ckpt: {args.ckpt} holds more than tensors and plain data (refused: loading it "
+            raise DataError(f"--ckpt: {ckpt} holds more than tensors and plain data (refused: loading it "
                             f"would run pickled code): {str(exc).splitlines()[0]}") from exc
         if module.reference is None:
             return {"fine_tuned": module.backbone.eval()}
         return {"original": module.reference.eval(), "fine_tuned": module.backbone.eval()}
-    if not (args.pretrained or args.weights):
+    if not (pretrained or weights):
         raise DataError("--model needs --pretrained (hub weights) or --weights <file>; random weights explain nothing")
-    spec = BackboneSpec(name=args.model, pretrained=True, checkpoint_path=args.weights, num_classes=args.num_classes)
+    spec = BackboneSpec(name=model, pretrained=True, checkpoint_path=weights, num_classes=num_classes)
     return {"model": build_backbone(spec, weights_flag="--weights").eval()}
 
 
@@ -211,49 +192,96 @@ def explain(models: dict[str, nn.Module], method: RelevanceMethod, images: list[
     return records
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point of `cft explain`."""
-    args = _parser().parse_args(argv)
+def explain_command(
+    images: list[str],
+    ckpt: str | None = None,
+    model: str | None = None,
+    pretrained: bool = False,
+    weights: str | None = None,
+    num_classes: int | None = None,
+    method: str = "attnlrp",
+    layer: str | None = None,
+    target: str = "pred",
+    masks: str | None = None,
+    mask_kind: str = "concept",
+    classes: str | None = None,
+    out: str = "runs/explain",
+    batch_size: int = 16,
+    no_progress: bool = False,
+) -> None:
+    """Write relevance overlays (PNG) for images, from a `cft fit` checkpoint (--ckpt) or a timm model (--model).
+
+    Args:
+        images: image files and/or folders (searched recursively)
+        ckpt: a `cft fit` checkpoint: explains its Original (reference) and fine-tuned model
+        model: any timm model name (with --pretrained or --weights)
+        pretrained: with --model: timm's pretrained weights (hub)
+        weights: with --model: a local weight file (.pth/.bin/.safetensors/.ckpt)
+        num_classes: with --model: head size (null: the model's)
+        method: relevance method: a registered name (listed after the options) or a class path
+            pkg.module.Class (docs/extending.md)
+        layer: with a --method that explains one layer (gradcam, grad_x_act): the module explained, a dotted
+            path (e.g. layer3 or stages.-2 for a CNN, blocks.-1.norm1 for a ViT; null: the method's choice,
+            gradcam the last feature stage, grad_x_act the one before)
+        target: class to explain: `pred` (each model's prediction) or a class index
+        masks: mask store whose masks are drawn beside the maps (keys: paths under --images)
+        mask_kind: mask kind to draw
+        classes: class names for the labels: 'imagenet', a text file with one class per line, or a folder whose
+            sorted sub-folders are the classes (null: imagenet for a 1000-class head, else indices)
+        out: output folder
+        batch_size: images explained at once
+        no_progress: no progress bar
+    """
+    check_source(ckpt, model)  # the flags' own checks first: one line, before torch loads
+    if target != "pred" and not target.lstrip("-").isdigit():
+        raise DataError(f"--target must be 'pred' or a class index, got {target!r}")
+    if batch_size < 1:
+        raise DataError("--batch_size must be >= 1")
     import torch
 
     from cft_lightning.data.mask_store import MaskStore
     from cft_lightning.errors import UnsupportedModelError
     from cft_lightning.models.backbone import resolve_data_config
-
-    if args.target != "pred" and not args.target.lstrip("-").isdigit():
-        raise DataError(f"--target must be 'pred' or a class index, got {args.target!r}")
-    if args.batch_size < 1:
-        raise DataError("--batch_size must be >= 1")
     from cft_lightning.relevance import create_relevance, list_relevance, relevance_class
 
-    if args.layer is not None and not relevance_class(args.method).explains_layer:
+    if layer is not None and not relevance_class(method).explains_layer:
         layered = [name for name in list_relevance() if relevance_class(name).explains_layer]
         raise DataError(f"--layer applies to a --method that explains one layer ({', '.join(layered)}), "
-                        f"not {args.method!r}")
-    method = create_relevance(args.method, **({"layer": args.layer} if args.layer else {}))
-    models = load_models(args)
-    images = _collect(args.images)
-    masks = MaskStore(args.masks) if args.masks else None
-    if masks is not None:
-        missing = [key for _, key in images if not masks.has(key, args.mask_kind)]
+                        f"not {method!r}")
+    relevance = create_relevance(method, **({"layer": layer} if layer else {}))
+    models = load_models(ckpt, model, pretrained, weights, num_classes)
+    found = _collect(images)
+    store = MaskStore(masks) if masks else None
+    if store is not None:
+        missing = [key for _, key in found if not store.has(key, mask_kind)]
         if missing:
-            raise DataError(f"--masks: {len(missing)} image(s) have no {args.mask_kind!r} mask in {args.masks}, "
-                            f"e.g. {masks.path(missing[0], args.mask_kind)}")
-    out = Path(args.out)
-    data_config = run_data_config(args.ckpt) if args.ckpt else None
+            raise DataError(f"--masks: {len(missing)} image(s) have no {mask_kind!r} mask in {masks}, "
+                            f"e.g. {store.path(missing[0], mask_kind)}")
+    folder = Path(out)
+    data_config = run_data_config(ckpt) if ckpt else None
     try:
-        for model in models.values():
-            method.check_model(model)
+        for network in models.values():
+            relevance.check_model(network)
     except UnsupportedModelError as err:
-        raise UnsupportedModelError(f"--method {args.method}{f' --layer {args.layer}' if args.layer else ''}: "
-                                    f"{err}") from err
-    class_names = class_names_for(args.classes, next(iter(models.values())))
+        raise UnsupportedModelError(f"--method {method}{f' --layer {layer}' if layer else ''}: {err}") from err
+    class_names = class_names_for(classes, next(iter(models.values())))
     with torch.enable_grad():
-        records = explain(models, method, images, out, args.target, masks, args.mask_kind, args.batch_size,
-                          progress=not args.no_progress, data_config=data_config, class_names=class_names)
-    summary: dict[str, Any] = {"method": args.method}
-    if method.explains_layer:
-        summary["layer"] = method.layer_for(next(iter(models.values())))
+        records = explain(models, relevance, found, folder, target, store, mask_kind, batch_size,
+                          progress=not no_progress, data_config=data_config, class_names=class_names)
+    summary: dict[str, Any] = {"method": method}
+    if relevance.explains_layer:
+        summary["layer"] = relevance.layer_for(next(iter(models.values())))
     summary["data_config"] = data_config or resolve_data_config(next(iter(models.values())))
-    (out / "explain.json").write_text(json.dumps({**summary, "images": records}, indent=2) + "\n")
-    print(f"cft explain: {len(records)} overlay(s) in {out} (method {args.method}, models {', '.join(models)})")
+    (folder / "explain.json").write_text(json.dumps({**summary, "images": records}, indent=2) + "\n")
+    print(f"cft explain: {len(records)} overlay(s) in {folder} (method {method}, models {', '.join(models)})")
+
+
+TOOL = Tool(explain_command, prog="cft explain", epilog=(
+    f"--method takes {', '.join(SHIPPED_RELEVANCE)}, a name a plugin registers (CFT_PLUGINS) or a class path "
+    "pkg.module.Class (docs/extending.md). Example: cft explain --ckpt runs/vit_b_cft/.../last.ckpt --images val/ "
+    "--method attnlrp --out runs/explain"))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of `cft explain`: flags, or a YAML file with --config (`cft explain --print_config` writes one)."""
+    TOOL(argv)

@@ -12,12 +12,12 @@ background (``noise`` or ``stripes``; recorded as the image's group). Output und
     smoke_data.json                                    generation parameters
 
 Pure numpy + PIL, deterministic for a seed (same bytes on every run), and a rerun skips files that exist.
-Usage: ``python -m cft_lightning.smoke_data OUT_DIR [--classes 4 --per_class 6 --size 64 --seed 0]``.
+Usage: ``python -m cft_lightning.smoke_data OUT_DIR [--classes 4 --per_class 6 --size 64 --seed 0]`` (or the options
+from YAML: ``--config FILE``, ``--print_config``).
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 from pathlib import Path
@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from cft_lightning._io import atomic_write
+from cft_lightning._tool_cli import Tool
 from cft_lightning.data.mask_store import MaskStore
 from cft_lightning.errors import DataError
 
@@ -172,18 +173,26 @@ def generate(out_dir: str | Path, classes: int = 4, per_class: int = 6, size: in
     return out
 
 
+def smoke_data_command(out_dir: str, classes: int = 4, per_class: int = 6, size: int = 64, seed: int = 0) -> None:
+    """Tiny deterministic synthetic dataset for the smoke config, ``make smoke`` and tests.
+
+    Args:
+        out_dir: output directory (created; existing files are kept)
+        classes: number of classes (shapes)
+        per_class: images per class and split
+        size: image side in pixels
+        seed: generation seed
+    """
+    out = generate(out_dir, classes, per_class, size, seed)
+    print(f"smoke data: {classes * per_class * len(SPLITS)} images of {classes} classes ({size}px) in {out}")
+
+
+TOOL = Tool(smoke_data_command, prog="python -m cft_lightning.smoke_data", positional=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point."""
-    parser = argparse.ArgumentParser(prog="python -m cft_lightning.smoke_data", description=__doc__.split("\n")[0])
-    parser.add_argument("out_dir", help="output directory (created; existing files are kept)")
-    parser.add_argument("--classes", type=int, default=4, help="number of classes (shapes)")
-    parser.add_argument("--per_class", type=int, default=6, help="images per class and split")
-    parser.add_argument("--size", type=int, default=64, help="image side in pixels")
-    parser.add_argument("--seed", type=int, default=0, help="generation seed")
-    args = parser.parse_args(argv)
-    out = generate(args.out_dir, args.classes, args.per_class, args.size, args.seed)
-    total = args.classes * args.per_class * len(SPLITS)
-    print(f"smoke data: {total} images of {args.classes} classes ({args.size}px) in {out}")
+    TOOL(argv)
 
 
 if __name__ == "__main__":

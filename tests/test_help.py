@@ -14,13 +14,12 @@ from cft_lightning.cli import COMMANDS, TOOLS, main, usage
 
 
 def tool_parsers() -> dict[str, argparse.ArgumentParser]:
-    """Every parser of a `cft` tool, subcommands included: a tool module's `TOOL` (`_tool_cli`, jsonargparse),
-    else its argparse `_parser()`."""
+    """Every parser of a `cft` tool, subcommands included: each tool module's `TOOL` (`_tool_cli`, jsonargparse)."""
     modules = {**TOOLS, "concepts validate": "cft_lightning.concepts.validate"}
     parsers = {}
     for name, module_name in modules.items():
         module = importlib.import_module(module_name)
-        parser = module.TOOL.parser() if hasattr(module, "TOOL") else module._parser()
+        parser = module.TOOL.parser()
         subcommands = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
         for action in subcommands:
             parsers.update({f"{name} {sub}": subparser for sub, subparser in action.choices.items()})
@@ -72,9 +71,11 @@ def test_concepts_help_mentions_validate(capsys: pytest.CaptureFixture):
 
 @pytest.mark.parametrize("command", [["--help"], *[[tool, "--help"] for tool in TOOLS], ["masks", "generate", "-h"]])
 def test_help_does_not_import_lightning(command: list[str]):
-    """Help is quick because nothing heavy is imported: measured times are in docs/performance.md."""
+    """Help is quick because nothing heavy is imported (not even torch, which a module's type-only imports could
+    pull in through jsonargparse): measured times are in docs/performance.md."""
     code = ("import sys\nfrom cft_lightning.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n"
-            "    pass\nprint('IMPORTED', sorted(m for m in ('lightning', 'timm', 'torchvision') if m in sys.modules))")
+            "    pass\nprint('IMPORTED', sorted(m for m in ('lightning', 'timm', 'torchvision', 'torch') "
+            "if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code, *command], capture_output=True, text=True, timeout=120)
     assert "usage:" in proc.stdout, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "IMPORTED []", (command, proc.stdout[-300:])

@@ -8,6 +8,7 @@ import of torch."""
 from __future__ import annotations
 
 import ast
+import importlib
 import re
 import subprocess
 import sys
@@ -175,6 +176,22 @@ def test_library_code_imports_no_cli_module():
     from cft_lightning.critique import attribution, cli
 
     assert cli.build_attributor is attribution.build_attributor  # the old import path still works
+
+
+def test_every_tool_parses_through_one_module_and_no_module_builds_an_argparse_parser():
+    """One CLI style (item 5): every `cft` tool (and `python -m cft_lightning.smoke_data`) exposes a `TOOL` built by
+    `_tool_cli` (jsonargparse, `--config`/`--print_config`, help from its signature); no package module imports
+    argparse to build a parser of its own."""
+    from cft_lightning import cli, smoke_data
+    from cft_lightning._tool_cli import Subcommands, Tool
+
+    wrong = [f"{name}: imports argparse" for name, path in MODULES.items()
+             if any(module == "argparse" for module, _ in _imports(path))]
+    assert not wrong, wrong
+    for module_name in [*cli.TOOLS.values(), "cft_lightning.concepts.validate"]:
+        module = importlib.import_module(module_name)
+        assert isinstance(getattr(module, "TOOL", None), (Tool, Subcommands)), module_name
+    assert isinstance(smoke_data.TOOL, Tool)
 
 
 # ------------------------------------------------------------------ private names and cycles

@@ -12,10 +12,13 @@ from typing import Any
 import pytest
 import yaml
 
-from cft_lightning import sweep
+from cft_lightning import demo, explain, sweep
 from cft_lightning._tool_cli import Tool
+from cft_lightning.benchmarks.shortcut_parts import ShortcutPartsSpec
 from cft_lightning.cli import main
 from cft_lightning.concepts import discovery, validate
+from cft_lightning.critique import cli as critique_cli
+from cft_lightning.demo.settings import ALL_METHODS, PROBE_METHODS, DemoSettings
 from cft_lightning.masks import cli as masks_cli
 from cft_lightning.masks.grounding_options import GroundingOptions
 
@@ -31,15 +34,24 @@ COMMANDS: dict[str, list[str]] = {
     "masks import": ["--format", "binary", "--src", "pngs", "--out", "store", "--kind", "critic", "--overwrite"],
     "masks generate": ["--images", "imgs", "--concepts", "bank.json", "--out", "store", "--grounder", "oracle",
                        "--oracle_masks", "truth", "--segmenter", "my/sam", "--devices", "2", "--no_progress"],
+    "explain": ["--ckpt", "run.ckpt", "--images", "a.png", "imgs", "--method", "gradcam", "--layer", "layer3",
+                "--target", "2", "--classes", "imagenet", "--batch_size", "4", "--no_progress"],
+    "critique": ["--model", "resnet18", "--pretrained", "--data", "imgs", "--out", "store", "--critic", "oracle",
+                 "--oracle_masks", "truth", "--target", "prediction", "--attribution", "ixg", "--min_success", "0.5",
+                 "--devices", "2", "--no_structured"],
+    # the documented runs' flags (docs/demo.md, docs/results.md): lists, groups, a bare flag, the benchmark's
+    "demo": ["--seeds", "0", "1", "2", "3", "4", "--methods", "all", "probes", "--out", "runs/demo5", "--decoy_only",
+             "--critic", "pipeline", "--class_fraction", "0.5", "--start", "scratch", "--overlays", "0",
+             "--threads", "2", "--num_classes", "3", "--image_size", "48", "--report"],
 }
+TOOLS = {"concepts": discovery.TOOL, "concepts validate": validate.TOOL, "explain": explain.TOOL,
+         "critique": critique_cli.TOOL, "demo": demo.TOOL}
 
 
 def parse(command: str, argv: list[str]) -> dict[str, Any]:
     """The keyword arguments the command's function would be called with."""
-    if command == "concepts":
-        return discovery.TOOL.parse(argv)
-    if command == "concepts validate":
-        return validate.TOOL.parse(argv)
+    if command in TOOLS:
+        return TOOLS[command].parse(argv)
     name, kwargs = masks_cli.TOOL.parse([command.split()[1], *argv])
     assert name == command.split()[1]
     return kwargs
@@ -119,7 +131,80 @@ def test_sweep_passes_other_options_to_every_run_and_its_printed_config_runs_the
     assert exc.value.code == 2 and "--key=value" in capsys.readouterr().err
 
 
-# ------------------------------------------------------------------ the module, for the tools still to convert
+# ------------------------------------------------------------------ cft explain, cft critique, cft demo
+def test_explain_and_critique_take_flags_from_a_file_and_a_later_flag_overrides_it(tmp_path: Path):
+    config = tmp_path / "explain.yaml"
+    config.write_text("model: vit_tiny_patch16_224\npretrained: true\nimages: [a.png, imgs]\nmethod: gradcam\n"
+                      "batch_size: 4\n")
+    got = explain.TOOL.parse(["--config", str(config), "--method", "ixg", "--images", "b.png"])
+    assert (got["model"], got["pretrained"], got["method"], got["images"], got["batch_size"]) == (
+        "vit_tiny_patch16_224", True, "ixg", ["b.png"], 4)
+    config.write_text("ckpt: run.ckpt\ndata: imgs\nout: store\ncritic: oracle\nsamples: 8\ndevices: auto\n")
+    got = critique_cli.TOOL.parse(["--config", str(config), "--samples", "16", "--devices", "4"])
+    assert (got["ckpt"], got["critic"], got["samples"], got["devices"]) == ("run.ckpt", "oracle", 16, 4)
+    assert critique_cli.TOOL.parse(["--config", str(config)])["devices"] == "auto"
+
+
+@pytest.mark.parametrize("command", ["explain", "critique"])
+def test_explain_and_critique_want_exactly_one_of_ckpt_and_model(command: str, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture):
+    """The either/or that argparse's mutually exclusive group said: one `cft: error:` line, exit 2."""
+    required = ["--images", str(tmp_path)] if command == "explain" else ["--data", str(tmp_path), "--out", "o"]
+    for extra, message in (([], "one of --ckpt"), (["--ckpt", "a.ckpt", "--model", "m"], "exclude each other")):
+        with pytest.raises(SystemExit) as exc:
+            main([command, *required, *extra])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_demo_print_config_then_config_runs_the_same_settings(monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture, tmp_path: Path):
+    """`cft demo ... --print_config > demo.yaml`, then `cft demo --config demo.yaml`: the demo runs with the same
+    `DemoSettings` (recorded at `--calibrate`, which trains nothing here); a flag after the file overrides it."""
+    ran: list[DemoSettings] = []
+    monkeypatch.setattr(demo, "_calibrate", ran.append)
+    out = str(tmp_path / "run")
+    argv = ["--seeds", "0", "1", "2", "3", "4", "--methods", "all", "probes", "--out", out, "--decoy_only",
+            "--critic", "pipeline", "--class_fraction", "0.5", "--start", "scratch", "--num_classes", "3",
+            "--threads", "2", "--calibrate"]
+    main(["demo", *argv])
+    want = DemoSettings(out=out, seeds=[0, 1, 2, 3, 4], methods=list(dict.fromkeys(ALL_METHODS + PROBE_METHODS)),
+                        benchmark=ShortcutPartsSpec(num_classes=3, decoy=True, background_shortcut=False,
+                                                    decoy_side=64 // 6),
+                        critic="pipeline", class_fraction=0.5, start="scratch", threads=2, progress=False)
+    assert ran == [want]
+    path = print_config("demo", argv, capsys, tmp_path)
+    printed = yaml.safe_load(path.read_text())
+    assert printed["seeds"] == [0, 1, 2, 3, 4] and printed["methods"] == ["all", "probes"]
+    assert printed["num_classes"] == 3 and printed["decoy_only"] is True and "settings" not in printed
+    main(["demo", "--config", str(path)])
+    assert ran[-1] == want
+    main(["demo", "--config", str(path), "--seeds", "7", "--methods", "cft", "--decoy_only", "false"])
+    assert (ran[-1].seeds, ran[-1].methods, ran[-1].benchmark) == ([7], ["cft"], ShortcutPartsSpec(num_classes=3))
+    main(["demo", "--out", out, "--calibrate"])  # no flags: the defaults of DemoSettings
+    assert ran[-1] == DemoSettings(out=out, progress=False)
+
+
+def test_demo_keeps_its_flags_and_refuses_bad_values_in_one_line(capsys: pytest.CaptureFixture):
+    """The flags of the argparse `cft demo`, no more (the ViT's size and the benchmark's seed stay fixed), and a
+    benchmark value out of range is the benchmark's one-line error."""
+    flags = {a.option_strings[-1] for a in demo.TOOL.parser()._actions if a.option_strings}
+    assert flags == {"--help", "--config", "--print_config", "--out", "--seeds", "--methods", "--spurious_rate",
+                     "--decoy", "--decoy_only", "--decoy_side", "--critic", "--num_classes", "--image_size",
+                     "--train_per_class", "--test_per_class", "--start", "--pretrain_epochs", "--scratch_epochs",
+                     "--pretrain_lr", "--shortcut_epochs", "--shortcut_lr", "--finetune_epochs", "--finetune_lr",
+                     "--images_per_class", "--class_fraction", "--full_split_epochs", "--fewshot_pool",
+                     "--mask_source", "--data_dir", "--overlays", "--threads", "--report", "--calibrate",
+                     "--no_progress"}
+    for argv, message in ((["--num_classes", "11"], "num_classes must be in [2, 10]"),
+                          (["--start", "warm"], "--start")):
+        with pytest.raises(SystemExit) as exc:
+            main(["demo", *argv])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and message in err, err
+
+
+# ------------------------------------------------------------------ the module
 @dataclasses.dataclass(frozen=True)
 class Data:
     """Generated data.
@@ -184,3 +269,68 @@ def test_a_tool_parameter_cannot_shadow_config():
 
     with pytest.raises(TypeError, match="config"):
         Tool(bad, prog="cft bad")
+
+
+@dataclasses.dataclass
+class Outer:
+    """Settings with a nested dataclass, as `DemoSettings` and its benchmark.
+
+    Args:
+        seeds: seeds, one run each
+        data: the generated data
+        width: a field the command line leaves out
+    """
+
+    seeds: list[int] = dataclasses.field(default_factory=lambda: [0])
+    data: Data = dataclasses.field(default_factory=Data)
+    width: int = 8
+
+
+def run_outer(settings: Outer, report: bool = False) -> tuple[Outer, bool]:
+    """A wrapper taking flattened settings, as `cft demo`'s `demo_command`.
+
+    Args:
+        settings: what runs
+        report: write a report only
+    """
+    return settings, report
+
+
+@dataclasses.dataclass
+class Clash:
+    """Clash.
+
+    Args:
+        report: the wrapper's flag again
+    """
+
+    report: bool = True
+
+
+def clash(settings: Clash, report: bool = False) -> None:
+    """Clash.
+
+    Args:
+        settings: flattened
+        report: a flag twice
+    """
+
+
+def test_a_flattened_dataclass_may_hold_lists_a_flattened_dataclass_and_skipped_fields(tmp_path: Path,
+                                                                                       capsys: pytest.CaptureFixture):
+    tool = Tool(run_outer, prog="cft outer", flatten=("settings", "data"), skip=("width", "decoy"))
+    flags = {a.option_strings[-1] for a in tool.parser()._actions if a.option_strings}
+    assert flags == {"--help", "--config", "--print_config", "--seeds", "--num_classes", "--report"}
+    assert tool([]) == (Outer(), False)
+    argv = ["--seeds", "1", "2", "--num_classes", "3", "--report"]
+    assert tool(argv) == (Outer(seeds=[1, 2], data=Data(num_classes=3)), True)
+    with pytest.raises(SystemExit):
+        tool.parse([*argv, "--print_config"])
+    path = tmp_path / "outer.yaml"
+    path.write_text(capsys.readouterr().out)
+    assert yaml.safe_load(path.read_text()) == {"seeds": [1, 2], "num_classes": 3, "report": True}
+    assert tool(["--config", str(path), "--num_classes", "5"]) == (Outer(seeds=[1, 2], data=Data(num_classes=5)), True)
+    with pytest.raises(TypeError, match="report"):
+        Tool(clash, prog="cft clash", flatten=("settings",))
+    with pytest.raises(TypeError, match="nothing"):
+        Tool(run_outer, prog="cft outer", flatten=("nothing",))

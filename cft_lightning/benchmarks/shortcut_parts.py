@@ -56,7 +56,9 @@ class ShortcutPartsSpec:
     Attributes:
         num_classes: 2..10 classes (classes 7-10 use the fifth part, the horn).
         image_size: side of the square images in pixels.
-        train_per_class, val_per_class, test_per_class: images per class in train / val / each test split.
+        train_per_class: training images per class.
+        val_per_class: validation images per class.
+        test_per_class: images per class in each test split.
         spurious_rate: probability that a train/val/test_id image shows its class's background (and decoy).
         decoy: also draw a class-coloured decoy square in a corner (same rate; random in test_ood).
         background_shortcut: the background carries the class (the default). False, with `decoy`, is the

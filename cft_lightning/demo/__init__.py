@@ -2,22 +2,25 @@
 
     cft demo                                    # one seed, plain / object-mask / CFT fine-tuning
     cft demo --seeds 0 1 2 --out runs/demo3     # the figures in docs/demo.md
+    cft demo --seeds 0 1 2 --print_config > demo.yaml && cft demo --config demo.yaml   # the same run
+
+The options are the fields of `DemoSettings` (its benchmark's fields among them, as top-level flags) and those
+of `demo_command` (`_tool_cli.Tool`).
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import importlib
 import json
 import sys
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from cft_lightning.benchmarks.shortcut_parts import ShortcutPartsSpec
+from cft_lightning._tool_cli import Tool
 from cft_lightning.demo.settings import METHOD_GROUPS, METHOD_NAMES, DemoSettings, method_syntax
 
-__all__ = ["DemoSettings", "collect", "main", "run_demo"]
+__all__ = ["TOOL", "DemoSettings", "collect", "demo_command", "demo_settings", "main", "run_demo"]
 
 
 def __getattr__(name: str) -> Any:
@@ -25,92 +28,6 @@ def __getattr__(name: str) -> Any:
     if name in ("collect", "run_demo"):
         return getattr(importlib.import_module("cft_lightning.demo.pipeline"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _parser() -> argparse.ArgumentParser:
-    d = DemoSettings()
-    b = ShortcutPartsSpec()
-    p = argparse.ArgumentParser(
-        prog="cft demo",
-        description="Does guided fine-tuning repair a shortcut? A starting model that knows the parts but leans on "
-        "the background, fine-tuned by each method and tested with the decision-reliance diagnostics, on CPU "
-        "(docs/demo.md).")
-    p.add_argument("--out", default=d.out, help="output folder (default: %(default)s)")
-    p.add_argument("--seeds", type=int, nargs="+", default=d.seeds,
-                   help="seeds to run; each has its own starting model and few-shot draw (default: %(default)s)")
-    groups = "; ".join(f"{name} = {' '.join(members)}" for name, members in METHOD_GROUPS.items())
-    p.add_argument("--methods", nargs="+", default=d.methods, metavar="METHOD",
-                   help=f"fine-tuning methods compared on the same starting model (default: %(default)s): "
-                   f"{', '.join(sorted(METHOD_NAMES))}; or a group: {groups}; or {method_syntax()}, e.g. cft+ixg "
-                   "or my_pkg.mod.MyReg (docs/demo.md, docs/extending.md)")
-    p.add_argument("--spurious_rate", type=float, default=b.spurious_rate,
-                   help="share of train/val/ID-test images on their class's background (default: %(default)s)")
-    p.add_argument("--decoy", action="store_true", help="also draw a class-coloured decoy square")
-    p.add_argument("--decoy_only", action="store_true",
-                   help="DecoyMNIST-style: the decoy alone carries the class (backgrounds at random)")
-    p.add_argument("--decoy_side", type=int, default=None,
-                   help="decoy square side in pixels (default: image_size // 6 with --decoy_only, where the "
-                   "pretrained ViT does not pick up a smaller one; image_size // 12 otherwise)")
-    p.add_argument("--critic", default=d.critic, choices=["oracle_mask", "pipeline"],
-                   help="lvlm_va's corrective masks: the background mask (oracle_mask), or the critique stage "
-                   "with the oracle critic on the decoy masks (pipeline) (default: %(default)s)")
-    p.add_argument("--num_classes", type=int, default=b.num_classes,
-                   help="benchmark classes, 2-10 (default: %(default)s)")
-    p.add_argument("--image_size", type=int, default=b.image_size, help="image side in pixels (default: %(default)s)")
-    p.add_argument("--train_per_class", type=int, default=b.train_per_class,
-                   help="training images per class (default: %(default)s)")
-    p.add_argument("--test_per_class", type=int, default=b.test_per_class,
-                   help="images per class in each test split (default: %(default)s)")
-    p.add_argument("--start", default=d.start, choices=["pretrained", "scratch"],
-                   help="the starting model: 'pretrained' learns the parts on upstream images with uninformative "
-                   "backgrounds, then the biased split (the paper's regime); 'scratch' only the biased split "
-                   "(default: %(default)s)")
-    p.add_argument("--pretrain_epochs", type=int, default=d.pretrain_epochs,
-                   help="stage 1 of the pretrained start (parts) (default: %(default)s)")
-    p.add_argument("--scratch_epochs", type=int, default=d.scratch_epochs,
-                   help="the one stage of the scratch start (default: %(default)s)")
-    p.add_argument("--pretrain_lr", type=float, default=d.pretrain_lr,
-                   help="learning rate of stage 1 and of the scratch start (default: %(default)s)")
-    p.add_argument("--shortcut_epochs", type=int, default=d.shortcut_epochs,
-                   help="stage 2 of the pretrained start, on the biased split (default: %(default)s)")
-    p.add_argument("--shortcut_lr", type=float, default=d.shortcut_lr,
-                   help="learning rate of stage 2 (default: %(default)s)")
-    p.add_argument("--finetune_epochs", type=int, default=d.finetune_epochs,
-                   help="fine-tuning epochs of every few-shot method (default: %(default)s, the paper's)")
-    p.add_argument("--finetune_lr", type=float, default=d.finetune_lr,
-                   help="AdamW learning rate of every method (default: %(default)s)")
-    p.add_argument("--images_per_class", type=int, default=d.images_per_class,
-                   help="P: fine-tuning images per class (default: %(default)s, the paper's)")
-    p.add_argument("--class_fraction", type=float, default=d.class_fraction,
-                   help="share of the classes fine-tuned on: 1 (default) or 0.5 (the paper's Table 4 split: "
-                   "OOD top-1 reported on fine-tuned and held-out classes)")
-    p.add_argument("--full_split_epochs", type=int, default=d.full_split_epochs,
-                   help="epochs of the methods trained on the whole training split (rrda_full, cft_full) "
-                   "(default: %(default)s)")
-    p.add_argument("--fewshot_pool", default=d.fewshot_pool, choices=["train", "counterfactual"],
-                   help="few-shot images from the biased training split, or only those off their class's "
-                   "background (default: %(default)s)")
-    p.add_argument("--mask_source", default=d.mask_source, choices=["benchmark", "pipeline"],
-                   help="masks for fine-tuning: the benchmark's, or made by the mask stage (concepts validated and "
-                   "grounded; the oracle grounder stands in for Grounded-SAM) (default: %(default)s)")
-    p.add_argument("--data_dir", default=None,
-                   help="benchmark folder (default: $CFT_CACHE or ~/.cache/cft_lightning, where the starting models "
-                   "are cached too)")
-    p.add_argument("--overlays", type=int, default=6, help="relevance overlays to draw (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=d.threads,
-                   help="PyTorch threads for training and testing (default: %(default)s, with which the starting "
-                   "models and numbers of docs/demo.md were made and come out again with the same torch build; "
-                   "more threads are faster but train other models, cached separately)")
-    p.add_argument("--report", action="store_true",
-                   help="train nothing: rewrite the summary, tables and pictures from the results already in --out "
-                   "for --seeds and --methods (e.g. after runs of method subsets in parallel into one folder)")
-    p.add_argument("--calibrate", action="store_true",
-                   help="only build (or load) the starting models and write calibration.md: the criteria of "
-                   "docs/demo.md per seed")
-    p.add_argument("--no_progress", action="store_true",
-                   help="no progress bars (they are off anyway when stderr is not a terminal: one line per stage "
-                   "is printed instead)")
-    return p
 
 
 def _overlays(settings: DemoSettings, summary: dict, count: int) -> Path | None:
@@ -163,36 +80,48 @@ def _calibrate(settings: DemoSettings) -> None:
         Console(stderr=True).print(f"[yellow]calibration criterion missed:[/] {line}")
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point of `cft demo`."""
+def demo_settings(settings: DemoSettings, decoy_only: bool = False, no_progress: bool = False) -> DemoSettings:
+    """The settings a `cft demo` command line runs: method groups expanded (`all`, `probes`, `table7`; each method
+    once, in order), `--decoy_only` applied to the benchmark, progress bars only on a terminal."""
+    methods = list(dict.fromkeys(m for name in settings.methods for m in METHOD_GROUPS.get(name, [name])))
+    benchmark = settings.benchmark
+    if decoy_only:  # the decoy alone carries the class; a smaller decoy than image_size // 6 is not picked up
+        benchmark = dataclasses.replace(benchmark, decoy=True, background_shortcut=False,
+                                        decoy_side=benchmark.decoy_side or benchmark.image_size // 6)
+    return dataclasses.replace(settings, methods=methods, benchmark=benchmark,
+                               progress=not no_progress and sys.stderr.isatty())
+
+
+def demo_command(settings: DemoSettings, decoy_only: bool = False, overlays: int = 6, report: bool = False,
+                 calibrate: bool = False, no_progress: bool = False) -> None:
+    """Does guided fine-tuning repair a shortcut? A starting model that knows the parts but leans on the
+    background, fine-tuned by each method and tested with the decision-reliance diagnostics, on CPU
+    (docs/demo.md).
+
+    Args:
+        settings: what the demo trains and tests (each field a flag: --out, --seeds, --methods, ...)
+        decoy_only: DecoyMNIST-style: the decoy alone carries the class (backgrounds at random; the decoy side
+            defaults to image_size // 6, where the pretrained ViT does not pick up a smaller one)
+        overlays: relevance overlays to draw (0: none)
+        report: train nothing: rewrite the summary, tables and pictures from the results already in --out for
+            --seeds and --methods (e.g. after runs of method subsets in parallel into one folder)
+        calibrate: only build (or load) the starting models and write calibration.md: the criteria of
+            docs/demo.md per seed
+        no_progress: no progress bars (they are off anyway when stderr is not a terminal: one line per stage is
+            printed instead)
+    """
+    settings = demo_settings(settings, decoy_only, no_progress)
+    Path(settings.out).mkdir(parents=True, exist_ok=True)
+    if calibrate:
+        _calibrate(settings)
+        return
     from rich.console import Console
 
-    args = _parser().parse_args(argv)
     from cft_lightning.demo import calibration
     from cft_lightning.demo.pipeline import collect, run_demo
     from cft_lightning.demo.report import bar_chart, paired, paired_markdown, summarize, summary_markdown
 
-    args.methods = list(dict.fromkeys(m for name in args.methods for m in METHOD_GROUPS.get(name, [name])))
-    benchmark = ShortcutPartsSpec(num_classes=args.num_classes, image_size=args.image_size,
-                                  train_per_class=args.train_per_class, test_per_class=args.test_per_class,
-                                  spurious_rate=args.spurious_rate, decoy=args.decoy or args.decoy_only,
-                                  background_shortcut=not args.decoy_only,
-                                  decoy_side=args.decoy_side or (args.image_size // 6 if args.decoy_only else None))
-    settings = DemoSettings(out=args.out, seeds=args.seeds, methods=args.methods, benchmark=benchmark,
-                            data_dir=args.data_dir, start=args.start, pretrain_epochs=args.pretrain_epochs,
-                            scratch_epochs=args.scratch_epochs,
-                            pretrain_lr=args.pretrain_lr, shortcut_epochs=args.shortcut_epochs,
-                            shortcut_lr=args.shortcut_lr,
-                            finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
-                            images_per_class=args.images_per_class, class_fraction=args.class_fraction,
-                            full_split_epochs=args.full_split_epochs, fewshot_pool=args.fewshot_pool,
-                            mask_source=args.mask_source, critic=args.critic, threads=args.threads,
-                            progress=not args.no_progress and sys.stderr.isatty())
-    Path(settings.out).mkdir(parents=True, exist_ok=True)
-    if args.calibrate:
-        _calibrate(settings)
-        return
-    if args.report:
+    if report:
         summary = collect(settings)
     else:
         summary = run_demo(settings)
@@ -206,18 +135,31 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(settings.out)
     (out / "summary.md").write_text(text)
     (out / "summary_table.json").write_text(json.dumps(
-        {"summary": table, "paired": {base: {row: {label: asdict(d) for label, d in metrics.items()}
+        {"summary": table, "paired": {base: {row: {label: dataclasses.asdict(d) for label, d in metrics.items()}
                                              for row, metrics in diffs.items()}
                                       for base, diffs in comparisons.items()}}, indent=2) + "\n")
     bar_chart(table, out / "metrics.png", comparisons["original"] or None)
     starts = summary.get("starts") or {}
     if starts:
         calibration.write(starts, out / "calibration.md")
-    if args.overlays > 0:
-        _overlays(settings, summary, args.overlays)
+    if overlays > 0:
+        _overlays(settings, summary, overlays)
     console = Console()
     console.print(f"\n[bold]cft demo[/] seeds {settings.seeds}: values x100 (mean ± std over seeds)\n")
     console.print(text)
     for line in calibration.failed(starts):
         console.print(f"[yellow]calibration criterion missed:[/] {line} (docs/demo.md)")
     console.print(f"files: {out / 'summary.md'}, {out / 'metrics.png'}, {out / 'overlays.png'}")
+
+
+_GROUPS = "; ".join(f"{name} = {' '.join(members)}" for name, members in METHOD_GROUPS.items())
+TOOL = Tool(demo_command, prog="cft demo", flatten=("settings", "benchmark"),
+            skip=("depth", "embed_dim", "patch_size", "critique_segments", "batch_size", "progress", "val_per_class",
+                  "background_shortcut", "seed"),
+            epilog=f"--methods takes recipes ({', '.join(sorted(METHOD_NAMES))}), groups ({_GROUPS}), or "
+            f"{method_syntax()}, e.g. cft+ixg or my_pkg.mod.MyReg (docs/demo.md, docs/extending.md).")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of `cft demo`: flags, or a YAML file with --config (`cft demo --print_config` writes one)."""
+    TOOL(argv)

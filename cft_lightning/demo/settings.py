@@ -9,7 +9,7 @@ takes `REGULARIZER[+RELEVANCE]`, each a registered name or a class path (`parse_
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from cft_lightning._registry import SHIPPED_REGULARIZERS, SHIPPED_RELEVANCE
 from cft_lightning.benchmarks.shortcut_parts import ShortcutPartsSpec
@@ -116,7 +116,49 @@ def parse_method(spec: str) -> Recipe:
 
 @dataclass
 class DemoSettings:
-    """Everything the demo does, with defaults that finish in minutes on 2 CPU cores."""
+    """Everything the demo does, with defaults that finish in minutes on 2 CPU cores.
+
+    `cft demo` takes each field as a flag of the same name (the benchmark's fields too: `--num_classes`, ...),
+    except the demo ViT's architecture (`depth`, `embed_dim`, `patch_size`), `critique_segments`, `batch_size`
+    and `progress` (`--no_progress`), which stay at the values docs/demo.md's numbers were made with.
+
+    Args:
+        out: output folder
+        seeds: seeds to run; each has its own starting model and few-shot draw
+        methods: fine-tuning methods compared on the same starting model: recipes, groups, or
+            REGULARIZER[+RELEVANCE] (`cft demo --help` lists them after the options; docs/demo.md)
+        benchmark: the shortcut-parts benchmark that is generated (cached under `data_dir`)
+        data_dir: benchmark folder (default: $CFT_CACHE or ~/.cache/cft_lightning, where the starting models
+            are cached too)
+        depth: transformer blocks of the demo ViT
+        embed_dim: token width of the demo ViT
+        patch_size: patch side of the demo ViT in pixels
+        start: the starting model: 'pretrained' learns the parts on upstream images with uninformative
+            backgrounds, then the biased split (the paper's regime); 'scratch' only the biased split
+        pretrain_epochs: stage 1 of the pretrained start (parts, upstream data; calibrated, docs/demo.md)
+        pretrain_lr: learning rate of stage 1 and of the scratch start
+        scratch_epochs: the one stage of the scratch start
+        shortcut_epochs: stage 2 of the pretrained start, on the biased training split (calibrated)
+        shortcut_lr: learning rate of stage 2
+        finetune_epochs: fine-tuning epochs of every few-shot method (the paper's 50)
+        finetune_lr: AdamW learning rate of every method
+        images_per_class: P, fine-tuning images per class (the paper's 3)
+        class_fraction: share of the classes fine-tuned on: 1 (every class) or 0.5 (the paper's Table 4 split:
+            OOD top-1 reported on fine-tuned and held-out classes)
+        full_split_epochs: epochs of the methods trained on the whole training split (rrda_full, cft_full)
+        fewshot_pool: few-shot images from the biased training split (train), or only those off their class's
+            background (counterfactual)
+        mask_source: masks for fine-tuning: the benchmark's, or made by the mask stage (pipeline: concepts
+            validated and grounded, the oracle grounder standing in for Grounded-SAM)
+        critic: lvlm_va's corrective masks: the background mask on the low-entropy half (oracle_mask), or the
+            critique stage with the oracle critic on the decoy masks (pipeline; needs a decoy benchmark)
+        critique_segments: PPEPS-WGM segments per image of the critique stage (critic pipeline)
+        batch_size: training batch size of every stage and method
+        threads: PyTorch threads for training and testing (1: the starting models and numbers of docs/demo.md
+            come out again with the same torch build; more threads are faster but train other models, cached
+            separately)
+        progress: progress bars (else one line per stage)
+    """
 
     out: str = "runs/demo"
     seeds: list[int] = field(default_factory=lambda: [0])
@@ -127,7 +169,7 @@ class DemoSettings:
     embed_dim: int = 192
     patch_size: int = 8
     # the starting model (demo/start.py): "pretrained" (parts first, then the biased split) or "scratch"
-    start: str = "pretrained"
+    start: Literal["pretrained", "scratch"] = "pretrained"
     # stage 1 (parts, upstream data) of the pretrained start: 30 epochs (calibrated, docs/demo.md); the scratch
     # start's only stage keeps its 15 epochs (`scratch_epochs`)
     pretrain_epochs: int = 30
@@ -140,14 +182,14 @@ class DemoSettings:
     images_per_class: int = 3  # the paper fine-tunes on three images per class
     class_fraction: float = 1.0  # every class fine-tuned; 0.5: the paper's Table 4 split
     full_split_epochs: int = 2  # methods with METHOD_OPTIONS full_split (1,200 images at the default size)
-    fewshot_pool: str = "train"  # "train" (biased, like the rest) or "counterfactual" (off-background only)
+    fewshot_pool: Literal["train", "counterfactual"] = "train"  # biased, like the rest, or off-background only
     # "benchmark": the generator's masks; "pipeline": the concept bank validated and grounded by the mask stage
     # (cft concepts validate + cft masks generate, with the oracle grounder standing in for Grounded-SAM)
-    mask_source: str = "benchmark"
+    mask_source: Literal["benchmark", "pipeline"] = "benchmark"
     # LVLM-VA's corrective masks: "oracle_mask" (the background mask on the low-entropy half, no critique
     # stage) or "pipeline" (the critique stage: sampling, attribution, PPEPS-WGM, oracle critic on the
     # benchmark's decoy masks; needs a decoy benchmark)
-    critic: str = "oracle_mask"
+    critic: Literal["oracle_mask", "pipeline"] = "oracle_mask"
     critique_segments: int = 4
     batch_size: int = 8
     # PyTorch threads for everything the demo trains and tests. Float sums run in another order on another
