@@ -13,56 +13,15 @@ from PIL import Image
 
 transformers = pytest.importorskip("transformers")
 
-WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "round", "eye", "striped", "fin", "alpha"]
-
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import (
-        BertTokenizer,
-        GroundingDinoConfig,
-        GroundingDinoForObjectDetection,
-        GroundingDinoProcessor,
-        SamConfig,
-        SamModel,
-        SamProcessor,
-        SwinConfig,
-    )
-    from transformers.models.grounding_dino.image_processing_pil_grounding_dino import (
-        GroundingDinoImageProcessorPil,
-    )
-    from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil
+    from _sam_helpers import save_tiny_detector, save_tiny_transformers_sam, write_images
 
     d = tmp_path_factory.mktemp("models")
-    torch.manual_seed(0)
-    tok = BertTokenizer(vocab={w: i for i, w in enumerate(WORDS)})
-    cfg = GroundingDinoConfig(
-        backbone_config=SwinConfig(window_size=7, embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
-                                   image_size=64, out_indices=[2, 3, 4]),
-        text_config=dict(model_type="bert", vocab_size=len(WORDS), hidden_size=8, num_hidden_layers=1,
-                         num_attention_heads=2, intermediate_size=8, max_position_embeddings=32),
-        d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
-        encoder_ffn_dim=16, decoder_ffn_dim=16, num_queries=10, max_text_len=32, encoder_n_points=2,
-        decoder_n_points=2)
-    GroundingDinoForObjectDetection(cfg).save_pretrained(d / "gd")
-    GroundingDinoProcessor(image_processor=GroundingDinoImageProcessorPil(
-        size={"shortest_edge": 64, "longest_edge": 96}), tokenizer=tok).save_pretrained(d / "gd")
-    scfg = SamConfig(
-        vision_config=dict(hidden_size=16, output_channels=16, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=64, patch_size=8, window_size=4, global_attn_indexes=[1], num_pos_feats=8,
-                           mlp_dim=32),
-        prompt_encoder_config=dict(hidden_size=16, image_size=64, patch_size=8, mask_input_channels=4),
-        mask_decoder_config=dict(hidden_size=16, mlp_dim=32, num_hidden_layers=2, num_attention_heads=2,
-                                 iou_head_hidden_dim=16))
-    SamModel(scfg).save_pretrained(d / "sam")
-    SamProcessor(image_processor=SamImageProcessorPil(
-        size={"longest_edge": 64}, pad_size={"height": 64, "width": 64}, mask_size={"longest_edge": 16},
-        mask_pad_size={"height": 16, "width": 16})).save_pretrained(d / "sam")
-    root = d / "images"
-    rng = np.random.default_rng(0)
-    for i in range(2):
-        (root / "alpha").mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)).save(root / "alpha" / f"{i}.png")
+    save_tiny_detector(d / "gd")
+    save_tiny_transformers_sam(d / "sam")
+    write_images(d / "images")
     return d
 
 
@@ -81,10 +40,10 @@ def test_masks_are_the_union_of_sam_masks_of_the_boxes(models: Path, monkeypatch
     assert len(boxes) > 0 and (boxes[:, 2] <= 70 + 1e-3).all() and (boxes[:, 3] <= 50 + 1e-3).all()
     want = np.zeros((50, 70), dtype=bool)
     for box in boxes:  # the transformers recipe, one full SAM call per box, independently
-        inputs = g.sam_processor(images=image, input_boxes=[[box.tolist()]], return_tensors="pt")
+        inputs = g.segmenter.processor(images=image, input_boxes=[[box.tolist()]], return_tensors="pt")
         with torch.inference_mode():
             pred = g.sam(**inputs, multimask_output=False).pred_masks
-        want |= g.sam_processor.image_processor.post_process_masks(
+        want |= g.segmenter.processor.image_processor.post_process_masks(
             pred, inputs["original_sizes"], inputs["reshaped_input_sizes"])[0].reshape(50, 70).numpy()
     masks = g("alpha/0.png", "alpha", ["round eye", "alpha"])
     assert set(masks) == {"round eye", "alpha"} and masks["round eye"].shape == (50, 70)

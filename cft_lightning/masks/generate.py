@@ -5,7 +5,7 @@ union of its boxes' segments), the image's `concept` mask as their union (max), 
 the class-name prompt. Per-concept masks are kept in the store (`concepts/<slug>/...`). Writes are atomic
 and an image whose masks all exist is skipped, so a rerun after a crash resumes without duplicates or
 partial files. The grounder is `concepts.validate.Grounder`: the oracle on the embedded benchmark, or the
-GroundingDINO + SAM models (to come) through the same path.
+GroundingDINO + SAM models (`grounded_sam.py`) through the same path.
 """
 
 from __future__ import annotations

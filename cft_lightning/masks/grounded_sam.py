@@ -1,4 +1,4 @@
-"""The Grounded-SAM grounder: GroundingDINO boxes for each text prompt, SAM masks for the boxes (transformers).
+"""The Grounded-SAM grounder: GroundingDINO boxes for each text prompt, SAM masks for the boxes.
 
 For a prompt (a concept, or the class name for the object mask), GroundingDINO proposes boxes; those whose
 score exceeds `box_threshold` are segmented by SAM, and the prompt's mask is the union of the box masks
@@ -6,8 +6,9 @@ score exceeds `box_threshold` are segmented by SAM, and the prompt's mask is the
 concepts unambiguously; the prompts of one image go through the detector as one batch of `prompt_batch`.
 SAM's image encoder (most of its cost) runs once per image, and the boxes of all prompts are decoded in one
 call. Defaults: GroundingDINO's box 0.35 / text 0.25 (the GroundingDINO README; the CFT release uses
-0.35 / 0.65 with grounding-dino-base); prompts are lower-cased and end with ".". Any hub id or local folder
-works for both models (`AutoModelForZeroShotObjectDetection`, `SamModel`).
+0.35 / 0.65 with grounding-dino-base); prompts are lower-cased and end with ".". The detector is any hub id
+or local folder (`AutoModelForZeroShotObjectDetection`); SAM is a hub id or folder (transformers `SamModel`)
+or an official `sam_vit_{b,l,h}_*.pth` file (the `segment-anything` package): see `sam_backends.py`.
 """
 
 from __future__ import annotations
@@ -21,35 +22,38 @@ import numpy as np
 import torch
 
 from cft_lightning.data.image_folder import load_image
+from cft_lightning.masks.sam_backends import SegmentAnythingSAM, TransformersSAM, build_segmenter
 
 __all__ = ["GroundedSAM"]
 
 
 class GroundedSAM:
-    """A `Grounder` (see concepts.validate) over the images under `images_root`."""
+    """A `Grounder` (see concepts.validate) over the images under `images_root`; `segmenter` is a spec string
+    (`sam_backends.build_segmenter`) or a backend object already built."""
 
     def __init__(
         self,
         images_root: str | os.PathLike[str],
         detector: str = "IDEA-Research/grounding-dino-base",
-        segmenter: str = "facebook/sam-vit-base",
+        segmenter: str | SegmentAnythingSAM | TransformersSAM = "facebook/sam-vit-base",
         box_threshold: float = 0.35,
         text_threshold: float = 0.25,
         device: str = "cpu",
         prompt_batch: int = 8,
     ) -> None:
-        from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor, SamModel, SamProcessor
+        from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
         if prompt_batch < 1:
             raise ValueError(f"prompt_batch must be >= 1, got {prompt_batch}")
+        # SAM first: a wrong checkpoint file stops here, before the detector loads and before any image
+        self.segmenter = build_segmenter(segmenter, device) if isinstance(segmenter, str) else segmenter
+        self.sam = self.segmenter.model  # an nn.Module attribute: `MaskGeneration` moves it to the device
         self.images_root = Path(images_root)
         self.box_threshold, self.text_threshold = box_threshold, text_threshold
         self.prompt_batch = prompt_batch
         self.device = torch.device(device)
         self.det_processor = AutoProcessor.from_pretrained(detector)
         self.detector = AutoModelForZeroShotObjectDetection.from_pretrained(detector).to(self.device).eval()
-        self.sam_processor = SamProcessor.from_pretrained(segmenter)
-        self.sam = SamModel.from_pretrained(segmenter).to(self.device).eval()
 
     @staticmethod
     def prompt_text(prompt: str) -> str:
@@ -72,27 +76,13 @@ class GroundedSAM:
         """(n, 4) xyxy pixel boxes for one prompt."""
         return self.detect(image, [prompt])[0]
 
-    @torch.inference_mode()
-    def embed(self, image: Any) -> dict[str, torch.Tensor]:
-        """SAM's image embedding and the sizes its post-processing needs (the encoder: once per image)."""
-        inputs = self.sam_processor(images=image, return_tensors="pt").to(self.device)
-        return {"image_embeddings": self.sam.get_image_embeddings(inputs["pixel_values"]),
-                "original_sizes": inputs["original_sizes"].cpu(),
-                "reshaped_input_sizes": inputs["reshaped_input_sizes"].cpu()}
+    def embed(self, image: Any) -> dict[str, Any]:
+        """SAM's encoding of the image (once per image; what `segment_boxes` decodes from)."""
+        return self.segmenter.embed(image)
 
-    @torch.inference_mode()
-    def segment_boxes(self, image: Any, boxes: torch.Tensor, embedding: dict[str, torch.Tensor]) -> torch.Tensor:
+    def segment_boxes(self, image: Any, boxes: torch.Tensor, embedding: dict[str, Any]) -> torch.Tensor:
         """(n, H, W) bool: SAM's mask for each box, all decoded in one call on the image's embedding."""
-        if len(boxes) == 0:
-            return torch.zeros((0, image.height, image.width), dtype=torch.bool)
-        # boxes into the resized frame SAM's encoder saw (what the processor does given the image again)
-        (h, w), (rh, rw) = embedding["original_sizes"][0].tolist(), embedding["reshaped_input_sizes"][0].tolist()
-        scaled = boxes * torch.tensor([rw / w, rh / h, rw / w, rh / h])
-        outputs = self.sam(image_embeddings=embedding["image_embeddings"],
-                           input_boxes=scaled[None].to(self.device), multimask_output=False)
-        masks = self.sam_processor.image_processor.post_process_masks(
-            outputs.pred_masks.cpu(), embedding["original_sizes"], embedding["reshaped_input_sizes"])[0]
-        return masks.reshape(-1, image.height, image.width).bool()
+        return self.segmenter.segment_boxes(image, boxes, embedding)
 
     def segment(self, image: Any, boxes: torch.Tensor) -> np.ndarray:
         """(H, W) bool: the union of SAM's masks for `boxes`."""
