@@ -69,7 +69,7 @@ def check_precision(precision: str | int | None, plugins: dict[str, tuple[type, 
         use = " or ".join(f"`{_SETTING[k]}`" for k in ("bf16", "32") if k in supported)
         raise UnsupportedPrecisionError(
             f"{key} {cls.__name__} does not support trainer.precision {precision}: set trainer.precision to {use} "
-            f"(supported: {', '.join(supported)}; docs/performance.md, Mixed precision)"
+            f"(supported: {', '.join(supported)}; docs/relevance.md, Mixed precision)"
         )
 
 

@@ -36,7 +36,7 @@ def test_config_parses(path: Path, capsys: pytest.CaptureFixture, monkeypatch: p
     monkeypatch.setattr(sys, "argv", ["cft"])
     text = path.read_text()
     assert text.lstrip().startswith("#"), "configs open with a comment saying what they are for"
-    assert "keep fp32" not in text, "every guided objective supports bf16-mixed (docs/performance.md)"
+    assert "keep fp32" not in text, "every guided objective supports bf16-mixed (docs/relevance.md)"
     config = _resolved(path, capsys)
     model = config["model"]
     name = model["backbone"]["name"]

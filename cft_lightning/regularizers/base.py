@@ -78,7 +78,7 @@ class Regularizer(RecordsInitArgs, ABC):
         needs_autograd: whether the objective differentiates through the model itself (input gradients):
             such a loss cannot be evaluated under inference mode either.
         precisions: the `trainer.precision` kinds the objective supports (`"32"`, `"bf16"`, `"16"`: 32-true,
-            bf16-mixed, 16-mixed); any other stops the run at start-up (docs/performance.md, Mixed precision).
+            bf16-mixed, 16-mixed); any other stops the run at start-up (docs/relevance.md, Mixed precision).
 
     Instance attributes (set them in `__init__` when the method has them):
         mask_kind: the one mask kind the method reads (it replaces `required_masks`).

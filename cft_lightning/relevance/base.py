@@ -92,7 +92,7 @@ class RelevanceMethod(RecordsInitArgs, ABC):
         explains_layer: it explains one module, named by its `layer` argument (None: `layer_for(model)`);
             `cft explain --layer` applies to such methods.
         precisions: the `trainer.precision` kinds it supports (`"32"`, `"bf16"`, `"16"`: 32-true, bf16-mixed,
-            16-mixed); the fine-tuner refuses any other at start-up (docs/performance.md, Mixed precision).
+            16-mixed); the fine-tuner refuses any other at start-up (docs/relevance.md, Mixed precision).
 
     Register a method under a name with `@register_relevance("name")` (`cft_lightning.relevance`): `cft explain`,
     `cft critique`, `cft demo` and the contract tests then know it (docs/extending.md).
