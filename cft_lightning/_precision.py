@@ -15,14 +15,19 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor
 
 from cft_lightning.errors import UnsupportedPrecisionError
 
-__all__ = ["ALL_PRECISIONS", "PrecisionKind", "check_precision", "float32_region", "precision_kind", "upcast"]
+if TYPE_CHECKING:
+    from cft_lightning.regularizers.base import Regularizer
+    from cft_lightning.relevance.base import RelevanceMethod
+
+__all__ = ["ALL_PRECISIONS", "PrecisionKind", "check_precision", "check_run_precision", "float32_region",
+           "precision_kind", "upcast"]
 
 PrecisionKind = Literal["32", "bf16", "16"]
 ALL_PRECISIONS: tuple[PrecisionKind, ...] = ("32", "bf16", "16")
@@ -71,6 +76,16 @@ def check_precision(precision: str | int | None, plugins: dict[str, tuple[type, 
             f"{key} {cls.__name__} does not support trainer.precision {precision}: set trainer.precision to {use} "
             f"(supported: {', '.join(supported)}; docs/relevance.md, Mixed precision)"
         )
+
+
+def check_run_precision(precision: str | int | None, stage: str, relevance: RelevanceMethod | None,
+                        regularizer: Regularizer) -> None:
+    """The fine-tuner's start-up check: the relevance method's declared precisions in every stage (test explains
+    too), the regularizer's (its `requirements`) in the stages that run it (fit, validate)."""
+    plugins = {} if relevance is None else {"model.relevance": (type(relevance), tuple(relevance.precisions))}
+    if stage in ("fit", "validate"):
+        plugins["model.regularizer"] = (type(regularizer), regularizer.requirements.precisions)
+    check_precision(precision, plugins)
 
 
 _SETTING = {"bf16": "bf16-mixed", "16": "16-mixed", "32": "32-true"}

@@ -24,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from cft_lightning._plugins import Requirements, plugin_config
-from cft_lightning._precision import check_precision
+from cft_lightning._precision import check_run_precision
 from cft_lightning.errors import NonFiniteLossError, UnsupportedModelError
 from cft_lightning.evaluation.metrics import accuracy_metrics
 from cft_lightning.evaluation.stage import Evaluation
@@ -223,11 +223,7 @@ class GuidedFineTuner(L.LightningModule):
     def setup(self, stage: str) -> None:
         """Receive the data module's `TestPlan` (the one hand-off from data to model, `test_plan.plan_of`) and
         check the data against the model, and the run's precision against what the plugins declare."""
-        rel = self.relevance
-        plugins = {} if rel is None else {"model.relevance": (type(rel), rel.precisions)}
-        if stage in ("fit", "validate"):
-            plugins["model.regularizer"] = (type(self.regularizer), self.requirements.precisions)
-        check_precision(self.trainer.precision, plugins)
+        check_run_precision(self.trainer.precision, stage, self.relevance, self.regularizer)
         datamodule = self.trainer.datamodule
         self.test_plan = plan_of(datamodule)
         if datamodule is None:
