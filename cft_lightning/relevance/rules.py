@@ -31,7 +31,7 @@ def layer_norm_rule(g: Tensor, std: Tensor, weight: Tensor | None) -> Tensor:
     y = (x - mean(x)) / std * w + b  =>  g_x = (g*w - mean(g*w)) / std.
     """
     # float32 under autocast: removing the mean subtracts nearly equal numbers, and 1/std is large where the
-    # token's variance is small; bfloat16's 8 mantissa bits would lose the difference. Returns float32 there.
+    # token's variance is small; bfloat16's 8 significant bits would lose the difference. Returns float32 there.
     with float32_region(g):
         g = upcast(g)
         gw = g * weight if weight is not None else g
@@ -83,7 +83,7 @@ def attention_rule(
     g_attn = g_out @ v.transpose(-2, -1)
     # The softmax's true VJP, attn * (g - sum(g * attn)), as one kernel (twice differentiable; fewer saved
     # (B, H, N, N) intermediates for the second-order backward). In float32 under autocast: g - sum(g * attn)
-    # cancels (the DTD rule's bias term), which bfloat16 rounds away; autocast keeps softmax in float32 too.
+    # cancels (the DTD rule's bias term), which bfloat16 rounds away; CUDA autocast runs softmax in float32 too.
     with float32_region(g_attn):
         attn32 = upcast(attn)
         g_scores = torch._softmax_backward_data(upcast(g_attn), attn32, -1, attn32.dtype)
