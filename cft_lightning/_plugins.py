@@ -5,9 +5,9 @@ declaration of what a regularizer needs from the run.
   (`init_args`, defaults filled in), whatever attribute names the class stores them under, so a checkpoint
   saved outside the CLI rebuilds the same plugin (`plugin_config`).
 - `Requirements`: one typed place where a regularizer says which masks it reads, whether it calls the
-  relevance method, differentiates through the model, needs the frozen reference's logits, and trains on
-  batches mixed with an alignment set. The fine-tuner and the data module read it; nothing probes a plugin
-  for attributes.
+  relevance method, differentiates through the model, needs the frozen reference's logits, trains on
+  batches mixed with an alignment set, and which `trainer.precision` kinds it supports. The fine-tuner and
+  the data module read it; nothing probes a plugin for attributes.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ class Requirements:
         reference_logits: it needs the frozen reference's logits on training batches.
         alignment: (mask kind, share) when every training batch must hold that share of images with that
             mask kind (LVLM-VA's alignment set); the data module builds its batches from this.
+        precisions: the precision kinds (`"32"`, `"bf16"`, `"16"`) it trains correctly under; the fine-tuner
+            refuses any other `trainer.precision` at start-up.
     """
 
     masks: tuple[str, ...] = ()
@@ -37,6 +39,7 @@ class Requirements:
     autograd: bool = False
     reference_logits: bool = False
     alignment: tuple[str, float] | None = None
+    precisions: tuple[str, ...] = ("32", "bf16", "16")
 
 
 def _bound_arguments(cls: type, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:

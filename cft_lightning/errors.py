@@ -29,6 +29,7 @@ __all__ = [
     "PluginError",
     "UnknownPluginError",
     "UnsupportedModelError",
+    "UnsupportedPrecisionError",
     "original_message",
 ]
 
@@ -84,6 +85,10 @@ class BackboneError(CFTUserError, ValueError):
 
 class UnsupportedModelError(CFTUserError, TypeError):
     """The model's structure is outside what a relevance method supports."""
+
+
+class UnsupportedPrecisionError(CFTUserError, ValueError):
+    """`trainer.precision` is one a relevance method or objective does not declare it supports (`precisions`)."""
 
 
 class PluginError(CFTUserError, ValueError):

@@ -36,6 +36,7 @@ def test_config_parses(path: Path, capsys: pytest.CaptureFixture, monkeypatch: p
     monkeypatch.setattr(sys, "argv", ["cft"])
     text = path.read_text()
     assert text.lstrip().startswith("#"), "configs open with a comment saying what they are for"
+    assert "keep fp32" not in text, "every guided objective supports bf16-mixed (docs/relevance.md)"
     config = _resolved(path, capsys)
     model = config["model"]
     name = model["backbone"]["name"]
@@ -55,6 +56,7 @@ def test_config_parses(path: Path, capsys: pytest.CaptureFixture, monkeypatch: p
         assert config["data"]["batch_size"] == 8 and config["trainer"]["max_epochs"] == 50
         assert config["data"]["images_per_class"] == 3 and config["data"]["class_fraction"] == 0.5
         assert config["data"]["classes"] == "imagenet"
+        assert config["trainer"]["precision"] == "bf16-mixed", "the paper configs train in bf16 on GPUs"
     if path.stem == "vit_b_cft":
         assert name == "vit_base_patch16_224.orig_in21k_ft_in1k"
     if path.stem == "convnextv2_cft":

@@ -19,10 +19,12 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from cft_lightning._plugins import Requirements, plugin_config
+from cft_lightning._precision import check_run_precision
 from cft_lightning.errors import NonFiniteLossError, UnsupportedModelError
 from cft_lightning.evaluation.metrics import accuracy_metrics
 from cft_lightning.evaluation.stage import Evaluation
@@ -220,7 +222,8 @@ class GuidedFineTuner(L.LightningModule):
     # ------------------------------------------------------------------ setup checks
     def setup(self, stage: str) -> None:
         """Receive the data module's `TestPlan` (the one hand-off from data to model, `test_plan.plan_of`) and
-        check the data against the model."""
+        check the data against the model, and the run's precision against what the plugins declare."""
+        check_run_precision(self.trainer.precision, stage, self.relevance, self.regularizer)
         datamodule = self.trainer.datamodule
         self.test_plan = plan_of(datamodule)
         if datamodule is None:
@@ -308,11 +311,16 @@ class GuidedFineTuner(L.LightningModule):
         total = norm_of(grads) if norm_of else torch.stack([torch.linalg.vector_norm(g) for g in grads]).norm()
         if torch.isfinite(total):
             return
+        plugin = self.trainer.precision_plugin
+        scale = plugin.scaler.get_scale() if isinstance(plugin, MixedPrecision) and plugin.scaler else None
+        if scale is not None and scale >= 1.0:
+            return  # 16-mixed: the GradScaler skips this step and halves the loss scale (dynamic loss scaling)
+        hint = f" (float16 overflows even at loss scale {scale:g}: use trainer.precision bf16-mixed)" if scale else ""
         for name, param in self.backbone.named_parameters():  # a finite norm can overflow: name the culprit
             if param.grad is not None and not torch.isfinite(param.grad).all():
                 raise NonFiniteLossError(
-                    f"non-finite gradient in backbone.{name} at epoch {self.current_epoch}, "
-                    f"step {self.global_step}; stopped before the optimizer step, the last checkpoint is untouched"
+                    f"non-finite gradient in backbone.{name} at epoch {self.current_epoch}, step {self.global_step}"
+                    f"{hint}; stopped before the optimizer step, the last checkpoint is untouched"
                 )
 
     def _guided_eval_possible(self, batch: dict[str, Any]) -> bool:

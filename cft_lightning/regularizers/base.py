@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cft_lightning._plugins import RecordsInitArgs, Requirements
+from cft_lightning._precision import ALL_PRECISIONS, PrecisionKind, float32_region, upcast
 from cft_lightning.relevance.base import Relevance, RelevanceMethod
 
 ConsistencyTarget = Literal["self", "reference", "label"]
@@ -29,6 +30,7 @@ __all__ = [
     "check_choice",
     "check_positive",
     "consistency_loss",
+    "cross_entropy",
     "masks_to_grid",
 ]
 
@@ -75,6 +77,8 @@ class Regularizer(RecordsInitArgs, ABC):
         needs_relevance: whether the method calls the relevance method (else its `relevance` is ignored).
         needs_autograd: whether the objective differentiates through the model itself (input gradients):
             such a loss cannot be evaluated under inference mode either.
+        precisions: the `trainer.precision` kinds the objective supports (`"32"`, `"bf16"`, `"16"`: 32-true,
+            bf16-mixed, 16-mixed); any other stops the run at start-up (docs/relevance.md, Mixed precision).
 
     Instance attributes (set them in `__init__` when the method has them):
         mask_kind: the one mask kind the method reads (it replaces `required_masks`).
@@ -88,6 +92,7 @@ class Regularizer(RecordsInitArgs, ABC):
     required_masks: ClassVar[tuple[str, ...]] = ()
     needs_relevance: ClassVar[bool] = False
     needs_autograd: ClassVar[bool] = False
+    precisions: ClassVar[tuple[PrecisionKind, ...]] = ALL_PRECISIONS
     mask_kind: str | None = None
     consistency_target: ConsistencyTarget | None = None
     alignment_ratio: float | None = None
@@ -102,7 +107,8 @@ class Regularizer(RecordsInitArgs, ABC):
                 raise ValueError(f"{type(self).__name__}: alignment_ratio needs a mask_kind (the alignment set)")
             alignment = (masks[0], float(self.alignment_ratio))
         return Requirements(masks=masks, relevance=type(self).needs_relevance, autograd=type(self).needs_autograd,
-                            reference_logits=self.consistency_target == "reference", alignment=alignment)
+                            reference_logits=self.consistency_target == "reference", alignment=alignment,
+                            precisions=tuple(type(self).precisions))
 
     def step_begin(self, global_step: int, epoch: int) -> None:
         """Called before every training step (for schedules such as GradMask's growing penalty)."""
@@ -185,7 +191,14 @@ def consistency_loss(
         y = labels
     else:
         raise ValueError(f"unknown consistency_target {target!r}; expected 'self', 'reference' or 'label'")
-    return F.cross_entropy(logits / temperature, y)
+    return cross_entropy(logits, y, temperature)
+
+
+def cross_entropy(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
+    """CE(logits / T, labels) in float32 whatever the autocast type: its log-softmax is a log term (CUDA
+    autocast runs it in float32 too; CPU autocast would run the division in bfloat16)."""
+    with float32_region(logits):
+        return F.cross_entropy(upcast(logits) / temperature, labels)
 
 
 def labels_of(batch: dict[str, Any]) -> Tensor:

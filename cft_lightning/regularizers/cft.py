@@ -16,6 +16,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from cft_lightning._precision import float32_region, upcast
 from cft_lightning._registry import register_regularizer
 from cft_lightning.regularizers.base import (
     CONSISTENCY_TARGETS,
@@ -45,16 +46,19 @@ def alignment_terms(maps: Tensor, masks: Tensor, form: LossForm = "paper", eps: 
     """
     if maps.shape != masks.shape:
         raise ValueError(f"maps {tuple(maps.shape)} and masks {tuple(masks.shape)} must have the same shape")
-    phi = maps.clamp(eps, 1.0 - eps)
-    inside = masks.to(phi.dtype).clamp(0.0, 1.0)
-    outside = 1.0 - inside
-    pos = -torch.log(phi) * inside
-    neg = -torch.log1p(-phi) * outside
-    if form == "release":
-        return pos.mean(), neg.mean()
-    if form != "paper":
+    if form not in ("paper", "release"):
         raise ValueError(f"unknown loss_form {form!r}; expected 'paper' or 'release'")
-    return _region_mean(pos, inside), _region_mean(neg, outside)
+    # The log terms in float32 whatever the autocast type: 1 - eps rounds to 1 in bfloat16 and float16, where
+    # log(1 - Phi) is -inf, and d log(Phi) = 1 / Phi near eps needs float32's precision.
+    with float32_region(maps):
+        phi = upcast(maps).clamp(eps, 1.0 - eps)
+        inside = masks.to(phi.dtype).clamp(0.0, 1.0)
+        outside = 1.0 - inside
+        pos = -torch.log(phi) * inside
+        neg = -torch.log1p(-phi) * outside
+        if form == "release":
+            return pos.mean(), neg.mean()
+        return _region_mean(pos, inside), _region_mean(neg, outside)
 
 
 def _region_mean(values: Tensor, weights: Tensor) -> Tensor:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cft_lightning._registry import register_regularizer
@@ -28,6 +27,7 @@ from cft_lightning.regularizers.base import (
     RegularizerOutput,
     check_choice,
     check_positive,
+    cross_entropy,
     labels_of,
 )
 from cft_lightning.regularizers.rrr import MaskRole
@@ -112,11 +112,11 @@ class GradMask(Regularizer):
         weight = masked_region(masks, self.mask_role, grad)
         masked = (grad * weight) ** 2
         if self.form == "additive":
-            cls = F.cross_entropy(logits / self.temperature, labels)
+            cls = cross_entropy(logits, labels, self.temperature)
             penalty = masked.mean()
             total = self.cls_weight * cls + self.penalty_weight * penalty
         else:
-            cls = F.cross_entropy(logits, labels)
+            cls = cross_entropy(logits, labels)
             penalty = masked.sum()
             total = cls * (1.0 + self.schedule() * penalty)
         return RegularizerOutput(total=total, terms={"cls": cls, "saliency": penalty}, logits=logits)

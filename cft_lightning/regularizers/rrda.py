@@ -22,7 +22,6 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cft_lightning._registry import register_regularizer
@@ -31,6 +30,7 @@ from cft_lightning.regularizers.base import (
     RegularizerOutput,
     check_choice,
     check_positive,
+    cross_entropy,
     labels_of,
 )
 from cft_lightning.relevance.base import RelevanceMethod
@@ -115,6 +115,6 @@ class RRDA(Regularizer):
         probability = self.probability if model.training else 0.0  # validation scores the real images
         mixed, _, applied = composite_foregrounds(images, masks, labels, probability, self.context_fill)
         logits = model(mixed)
-        cls = F.cross_entropy(logits / self.temperature, labels)
+        cls = cross_entropy(logits, labels, self.temperature)
         terms = {"cls": cls, "augmented": applied.float().mean()}
         return RegularizerOutput(total=cls, terms=terms, logits=logits)

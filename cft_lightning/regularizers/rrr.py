@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cft_lightning._precision import float32_region, upcast
 from cft_lightning._registry import register_regularizer
 from cft_lightning.regularizers._input_gradient import input_gradient, masked_region
 from cft_lightning.regularizers.base import (
@@ -62,6 +63,12 @@ def penalty_reduce(values: Tensor, weight: Tensor, reduction: Reduction) -> Tens
     if reduction == "mean":
         return total / (weight.sum() * values.shape[1]).clamp_min(1e-12)
     raise ValueError(f"unknown reduction {reduction!r}; expected one of {', '.join(map(repr, REDUCTIONS))}")
+
+
+def _summed_log_probs(logits: Tensor) -> Tensor:
+    """sum_{n,k} log p_nk, in float32 (a log term; its gradient 1 - C p_nk is where the input gradient starts)."""
+    with float32_region(logits):
+        return F.log_softmax(upcast(logits), dim=1).sum()
 
 
 @register_regularizer("rrr")
@@ -122,7 +129,7 @@ class RRR(Regularizer):
     ) -> RegularizerOutput:
         images = batch["image"]
         masks = self.masks_of(batch, self.mask_kind)
-        logits, grad = input_gradient(model, images, lambda z: F.log_softmax(z, dim=1).sum())
+        logits, grad = input_gradient(model, images, _summed_log_probs)
         weight = masked_region(masks, self.mask_role, grad)
         penalty = penalty_reduce((grad * weight) ** 2, weight, self.reduction)
         labels = labels_of(batch).to(logits.device)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cft_lightning._precision import float32_region, upcast
 from cft_lightning.errors import UnsupportedModelError
 
 
@@ -127,8 +128,12 @@ def _layer_norm(m: nn.Module, x: Tensor) -> tuple[Tensor, NormRecord | None]:
     """Apply `m` (LayerNorm or Identity) and record what the LN rule needs."""
     if _is_identity(m):
         return x, None
-    y = F.layer_norm(x, m.normalized_shape, m.weight, m.bias, m.eps)
-    std = torch.sqrt(x.var(dim=-1, unbiased=False, keepdim=True) + m.eps)
+    # float32 statistics under autocast (as CUDA autocast runs layer_norm): a variance in bfloat16 loses the
+    # small spread of a token around its mean, and 1/std scales the LayerNorm rule's gradient.
+    with float32_region(x):
+        x = upcast(x)
+        y = F.layer_norm(x, m.normalized_shape, m.weight, m.bias, m.eps)
+        std = torch.sqrt(x.var(dim=-1, unbiased=False, keepdim=True) + m.eps)
     return y, NormRecord(weight=m.weight, std=std)
 
 
@@ -139,7 +144,9 @@ def _layer_scale(m: nn.Module, x: Tensor) -> Tensor:
 def trace_vit(model: nn.Module, images: Tensor) -> ViTTrace:
     """Run `model`'s forward on `images` explicitly, recording the activations the rules need.
 
-    The logits equal `model(images)` (same modules, same order; attention always explicit).
+    The logits equal `model(images)` (same modules, same order; attention always explicit). Under autocast,
+    LayerNorm and softmax run in float32 here, as CUDA autocast runs them (CPU autocast runs them in
+    bfloat16 in the model's own forward, so there the two differ by rounding).
     """
     check_vit(model)
     pe = model.patch_embed
@@ -167,7 +174,9 @@ def trace_vit(model: nn.Module, images: Tensor) -> ViTTrace:
         q, qn = _layer_norm(attn.q_norm, q)
         k, kn = _layer_norm(attn.k_norm, k)
         q = q * attn.scale
-        a = (q @ k.transpose(-2, -1)).softmax(dim=-1)
+        scores = q @ k.transpose(-2, -1)
+        with float32_region(scores):  # softmax in float32 (CUDA autocast does so too; the rule's VJP reuses `a`)
+            a = upcast(scores).softmax(dim=-1)
         o = (a @ v).transpose(1, 2).reshape(B, N, attn.attn_dim)
         o, an = _layer_norm(attn.norm, o)
         x = x + _layer_scale(blk.ls1, attn.proj(o))

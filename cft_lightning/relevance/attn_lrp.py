@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from cft_lightning._precision import float32_region, upcast
 from cft_lightning._registry import register_relevance
 from cft_lightning.relevance._vit import BlockRecord, NormRecord, ViTTrace, check_vit, trace_vit
 from cft_lightning.relevance.base import Normalization, RelevanceMethod, resolve_targets
@@ -106,7 +107,8 @@ class AttnLRP(RelevanceMethod):
         targets = resolve_targets(trace.logits, targets)
         with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
             g = rule_backward(model, trace, targets, self.attention_rule)
-            raw = (trace.patch_tokens * g).sum(dim=-1)
+            with float32_region(g):  # the relevance sum over D channels of both signs: cancels, so float32
+                raw = (upcast(trace.patch_tokens) * upcast(g)).sum(dim=-1)
         return raw.view(raw.shape[0], *trace.grid), trace.logits, targets
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from cft_lightning._plugins import RecordsInitArgs
+from cft_lightning._precision import ALL_PRECISIONS, PrecisionKind, float32_region, upcast
 
 Differentiability = Literal["exact", "attention_only", "none"]
 Normalization = Literal["minmax", "positive_max"]
@@ -39,22 +40,26 @@ class Relevance:
 
 
 def normalize_maps(raw: Tensor, mode: Normalization = "minmax", eps: float = 1e-8) -> Tensor:
-    """Map signed (B, h, w) relevance into [0, 1] per image, differentiably and without NaN for constant maps.
+    """Map signed (B, h, w) relevance into [0, 1] per image (float32 or float64), differentiably and without NaN
+    for constant maps.
 
     `minmax`: (r - min) / (max - min + eps), as the CFT release does (plus the eps it lacks).
     `positive_max`: relu(r) / (max relu(r) + eps): negative evidence counts as none.
     """
-    flat = raw.flatten(1)
-    if mode == "minmax":
-        lo = flat.amin(dim=1, keepdim=True)
-        hi = flat.amax(dim=1, keepdim=True)
-        out = (flat - lo) / (hi - lo + eps)
-    elif mode == "positive_max":
-        pos = flat.clamp_min(0)
-        out = pos / (pos.amax(dim=1, keepdim=True) + eps)
-    else:
+    if mode not in ("minmax", "positive_max"):
         raise ValueError(f"unknown relevance normalisation {mode!r}; expected 'minmax' or 'positive_max'")
-    return out.view_as(raw)
+    # Maps are float32 whatever the autocast type: eps (1e-8) is 0 in float16, and in bfloat16 the map's
+    # largest cells round to exactly 1, where CFT's log(1 - Phi) is -inf.
+    with float32_region(raw):
+        flat = upcast(raw).flatten(1)
+        if mode == "minmax":
+            lo = flat.amin(dim=1, keepdim=True)
+            hi = flat.amax(dim=1, keepdim=True)
+            out = (flat - lo) / (hi - lo + eps)
+        else:
+            pos = flat.clamp_min(0)
+            out = pos / (pos.amax(dim=1, keepdim=True) + eps)
+    return out.view(raw.shape)
 
 
 def resolve_targets(logits: Tensor, targets: Tensor | None) -> Tensor:
@@ -86,6 +91,8 @@ class RelevanceMethod(RecordsInitArgs, ABC):
             tests run the method on each listed family and check the refusal on the others.
         explains_layer: it explains one module, named by its `layer` argument (None: `layer_for(model)`);
             `cft explain --layer` applies to such methods.
+        precisions: the `trainer.precision` kinds it supports (`"32"`, `"bf16"`, `"16"`: 32-true, bf16-mixed,
+            16-mixed); the fine-tuner refuses any other at start-up (docs/relevance.md, Mixed precision).
 
     Register a method under a name with `@register_relevance("name")` (`cft_lightning.relevance`): `cft explain`,
     `cft critique`, `cft demo` and the contract tests then know it (docs/extending.md).
@@ -95,6 +102,7 @@ class RelevanceMethod(RecordsInitArgs, ABC):
     architectures: ClassVar[tuple[str, ...]] = ()
     families: ClassVar[tuple[ModelFamily, ...]] = ("vit", "cnn")
     explains_layer: ClassVar[bool] = False
+    precisions: ClassVar[tuple[PrecisionKind, ...]] = ALL_PRECISIONS
 
     def __init__(self, normalize: Normalization = "minmax", eps: float = 1e-8) -> None:
         """

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from cft_lightning._precision import float32_region, upcast
 from cft_lightning._registry import register_relevance
 from cft_lightning.errors import UnsupportedModelError
 from cft_lightning.relevance._attention import patch_grid
@@ -70,15 +71,17 @@ class GradCAM(RelevanceMethod):
     ) -> tuple[Tensor, Tensor, Tensor]:
         acts, grads, logits, targets = layer_activation_and_gradient(
             model, images, targets, self.layer or default_cam_layer(model), differentiable)
+        with float32_region(acts):  # the channel sum of weights x activations, both signs: float32
+            return self._cam(model, images, upcast(acts), upcast(grads)), logits, targets
+
+    def _cam(self, model: nn.Module, images: Tensor, acts: Tensor, grads: Tensor) -> Tensor:
         if acts.dim() == 3:  # ViT tokens (B, N, D): patch tokens onto the grid, channels last
             prefix = getattr(model, "num_prefix_tokens", 1)
             acts, grads = acts[:, prefix:], grads[:, prefix:]
             h, w = patch_grid(model, images, acts.shape[1])
             weights = grads.mean(dim=1, keepdim=True)  # (B, 1, D)
-            raw = (weights * acts).sum(dim=-1).clamp_min(0).reshape(-1, h, w)
-        elif acts.dim() == 4:  # CNN feature map (B, C, h, w)
+            return (weights * acts).sum(dim=-1).clamp_min(0).reshape(-1, h, w)
+        if acts.dim() == 4:  # CNN feature map (B, C, h, w)
             weights = grads.mean(dim=(2, 3), keepdim=True)
-            raw = (weights * acts).sum(dim=1).clamp_min(0)
-        else:
-            raise UnsupportedModelError(f"Grad-CAM layer output has shape {tuple(acts.shape)}; expected 3 or 4 dims")
-        return raw, logits, targets
+            return (weights * acts).sum(dim=1).clamp_min(0)
+        raise UnsupportedModelError(f"Grad-CAM layer output has shape {tuple(acts.shape)}; expected 3 or 4 dims")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from cft_lightning._precision import float32_region, upcast
 from cft_lightning._registry import register_relevance
 from cft_lightning.relevance._attention import attention_drops, explicit_attention, patch_grid, prediction_row
 from cft_lightning.relevance.base import Normalization, RelevanceMethod, resolve_targets
@@ -57,11 +58,13 @@ class GradientRollout(RelevanceMethod):
         targets = resolve_targets(logits, targets)
         score = logits.gather(1, targets[:, None]).sum()
         grads = torch.autograd.grad(score, maps, retain_graph=torch.is_grad_enabled() and logits.requires_grad)
-        with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
+        # The rollout in float32: a product of L matrices whose rounding errors compound, and whose entries
+        # grow with depth (R_l = (I + A_l) R_{l-1}) beyond float16's range in deep models.
+        with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()), float32_region(maps[0]):
             B, _, N, _ = maps[0].shape
-            rollout = torch.eye(N, dtype=maps[0].dtype, device=maps[0].device).expand(B, N, N)
+            rollout = torch.eye(N, dtype=upcast(maps[0]).dtype, device=maps[0].device).expand(B, N, N)
             for attn, grad in zip(maps, grads):
-                weighted = (grad * attn).clamp_min(0).mean(dim=1)
+                weighted = (upcast(grad) * upcast(attn)).clamp_min(0).mean(dim=1)
                 rollout = rollout + weighted @ rollout
             rows = prediction_row(rollout, model)
         grid = patch_grid(model, images, rows.shape[1])

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from cft_lightning._precision import float32_region, upcast
 from cft_lightning._registry import register_relevance
 from cft_lightning.relevance._attention import attention_drops, explicit_attention, patch_grid, prediction_row
 from cft_lightning.relevance.base import Normalization, RelevanceMethod, resolve_targets
@@ -33,11 +34,12 @@ def normalized_rollout(attn: list[Tensor]) -> Tensor:
     `attn`: per block a (B, N, N) head-averaged map. Returns the (B, N, N) product A_hat_L ... A_hat_1.
     """
     B, N, _ = attn[0].shape
-    eye = torch.eye(N, dtype=attn[0].dtype, device=attn[0].device)
-    joint = eye.expand(B, N, N)
-    for a in attn:
-        a = a + eye
-        joint = (a / a.sum(dim=-1, keepdim=True)) @ joint
+    with float32_region(attn[0]):  # a product of L row-normalised matrices: rounding compounds, so float32
+        eye = torch.eye(N, dtype=upcast(attn[0]).dtype, device=attn[0].device)
+        joint = eye.expand(B, N, N)
+        for a in attn:
+            a = upcast(a) + eye
+            joint = (a / a.sum(dim=-1, keepdim=True)) @ joint
     return joint
 
 
@@ -102,8 +104,8 @@ class IIA(RelevanceMethod):
                 x = (images * alpha).detach()
                 for beta in grid:
                     maps, grads = _scaled_pass(model, drops, x, targets, beta)
-                    with torch.no_grad():
-                        step = [(g * a).clamp_min(0).mean(dim=1) for g, a in zip(grads, maps)]
+                    with torch.no_grad():  # float32 sums over the (n + 1)^2 passes (upcast: cheap, (B, N, N))
+                        step = [(upcast(g) * upcast(a)).clamp_min(0).mean(dim=1) for g, a in zip(grads, maps)]
                         total = step if total is None else [t + s for t, s in zip(total, step)]
         assert total is not None
         with torch.no_grad():

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from cft_lightning._precision import float32_region, upcast
 from cft_lightning._registry import register_relevance
 from cft_lightning.errors import UnsupportedModelError
 from cft_lightning.relevance._attention import patch_grid
@@ -76,13 +77,14 @@ class LayerGradXActivation(RelevanceMethod):
     ) -> tuple[Tensor, Tensor, Tensor]:
         acts, grads, logits, targets = layer_activation_and_gradient(
             model, images, targets, self.layer or default_feature_layer(model), differentiable)
-        products = acts * grads
-        if self.positive:
-            products = products.clamp_min(0)
-        if acts.dim() == 4:  # (B, C, h, w)
-            return products.sum(dim=1), logits, targets
-        if acts.dim() == 3:  # ViT tokens (B, N, D)
-            prefix = getattr(model, "num_prefix_tokens", 1)
-            tokens = products[:, prefix:].sum(dim=-1)
-            return tokens.reshape(-1, *patch_grid(model, images, tokens.shape[1])), logits, targets
+        with float32_region(acts):  # the channel sum (signed with positive=False): float32
+            products = upcast(acts) * upcast(grads)
+            if self.positive:
+                products = products.clamp_min(0)
+            if acts.dim() == 4:  # (B, C, h, w)
+                return products.sum(dim=1), logits, targets
+            if acts.dim() == 3:  # ViT tokens (B, N, D)
+                prefix = getattr(model, "num_prefix_tokens", 1)
+                tokens = products[:, prefix:].sum(dim=-1)
+                return tokens.reshape(-1, *patch_grid(model, images, tokens.shape[1])), logits, targets
         raise UnsupportedModelError(f"feature layer output has shape {tuple(acts.shape)}; expected 3 or 4 dims")

@@ -15,6 +15,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from cft_lightning._precision import float32_region, upcast
+
 AttentionRule = Literal["attnlrp", "cp"]
 
 
@@ -28,8 +30,12 @@ def layer_norm_rule(g: Tensor, std: Tensor, weight: Tensor | None) -> Tensor:
 
     y = (x - mean(x)) / std * w + b  =>  g_x = (g*w - mean(g*w)) / std.
     """
-    gw = g * weight if weight is not None else g
-    return (gw - gw.mean(dim=-1, keepdim=True)) / std
+    # float32 under autocast: removing the mean subtracts nearly equal numbers, and 1/std is large where the
+    # token's variance is small; bfloat16's 8 significant bits would lose the difference. Returns float32 there.
+    with float32_region(g):
+        g = upcast(g)
+        gw = g * weight if weight is not None else g
+        return (gw - gw.mean(dim=-1, keepdim=True)) / upcast(std)
 
 
 def activation_ratio(act: nn.Module, h: Tensor) -> Tensor:
@@ -45,9 +51,12 @@ def activation_ratio(act: nn.Module, h: Tensor) -> Tensor:
         return (h > 0).to(h.dtype)
     if isinstance(act, nn.Identity):
         return torch.ones_like(h)
-    out = act(h)
-    safe = torch.where(h.abs() < 1e-12, torch.full_like(h, 1e-12), h)
-    return out / safe
+    # float32 for the generic ratio: its 1e-12 stabiliser is 0 in float16 (a division by zero)
+    with float32_region(h):
+        h = upcast(h)
+        out = act(h)
+        safe = torch.where(h.abs() < 1e-12, torch.full_like(h, 1e-12), h)
+        return out / safe
 
 
 def identity_rule(g: Tensor, act: nn.Module, h: Tensor) -> Tensor:
@@ -73,8 +82,11 @@ def attention_rule(
         raise ValueError(f"unknown attention rule {rule!r}; expected 'attnlrp' or 'cp'")
     g_attn = g_out @ v.transpose(-2, -1)
     # The softmax's true VJP, attn * (g - sum(g * attn)), as one kernel (twice differentiable; fewer saved
-    # (B, H, N, N) intermediates for the second-order backward).
-    g_scores = torch._softmax_backward_data(g_attn, attn, -1, attn.dtype)
+    # (B, H, N, N) intermediates for the second-order backward). In float32 under autocast: g - sum(g * attn)
+    # cancels (the DTD rule's bias term), which bfloat16 rounds away; CUDA autocast runs softmax in float32 too.
+    with float32_region(g_attn):
+        attn32 = upcast(attn)
+        g_scores = torch._softmax_backward_data(upcast(g_attn), attn32, -1, attn32.dtype)
     g_q = (g_scores @ k) * (scale / 4.0)
     g_k = (g_scores.transpose(-2, -1) @ q) / 4.0
     return g_q, g_k, g_v / 2.0

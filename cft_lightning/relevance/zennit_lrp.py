@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from cft_lightning._precision import float32_region, upcast
 from cft_lightning._registry import register_relevance
 from cft_lightning.relevance.base import Normalization, RelevanceMethod, resolve_targets
 
@@ -91,8 +92,10 @@ class ZennitLRP(RelevanceMethod):
         targets = resolve_targets(logits, targets)
         work = self._private_copy(model)
         composite = COMPOSITES[self.composite](layer_map=_pass_through_map())
-        x = images.detach().clone().requires_grad_(True)
-        with composite.context(work) as modified:
+        x = upcast(images.detach()).clone().requires_grad_(True)
+        # The private copy's rules in float32, outside autocast: they divide by each layer's output plus a 1e-6
+        # stabiliser (0 in float16), and the map is detached anyway, so no training step pays for it.
+        with float32_region(x), composite.context(work) as modified:
             out = modified(x)
             # the output relevance is the target logit itself, so that the input relevance sums to it
             start = torch.zeros_like(out).scatter_(1, targets[:, None], out.detach().gather(1, targets[:, None]))
