@@ -1,6 +1,6 @@
 """Throughput of `cft masks generate`, and where its time goes: the two models, their processors, our own code.
 
-    python perf/mask_cost.py                             # full-size models, both SAM backends (2 CPU cores: ~5 min)
+    python perf/mask_cost.py                             # full-size models, both SAM backends (2 CPU cores: ~4 min)
     python perf/mask_cost.py --size tiny --images 8      # tiny models: what our own code costs per image
     python perf/mask_cost.py --json out.json             # the figures as JSON as well
 
