@@ -54,6 +54,28 @@ def test_masks_are_the_union_of_sam_masks_of_the_boxes(models: Path, monkeypatch
     assert g.prompt_text("Round Eye") == "round eye." and g.prompt_text("fin.") == "fin."
 
 
+def test_the_detector_processes_the_image_once_for_all_prompts(models: Path, monkeypatch: pytest.MonkeyPatch):
+    """One resize/normalise of the image per detector batch, whatever the number of prompts (it was one per
+    prompt: host-side work that a GPU does not speed up), with the same boxes as one prompt at a time."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    g = grounder(models, 0.0)
+    image = Image.open(models / "images" / "alpha" / "0.png").convert("RGB")
+    seen: list[int] = []
+    preprocess = g.det_processor.image_processor.preprocess
+
+    def counting(*args, **kwargs):
+        out = preprocess(*args, **kwargs)
+        seen.append(len(out["pixel_values"]))
+        return out
+
+    monkeypatch.setattr(g.det_processor.image_processor, "preprocess", counting)
+    prompts = ["round eye", "alpha", "striped fin"]
+    batched = g.detect(image, prompts)
+    assert seen == [1]
+    for prompt, got in zip(prompts, batched):
+        assert torch.allclose(got, g.boxes(image, prompt), atol=1e-4)
+
+
 def test_no_box_above_the_threshold_gives_an_empty_mask(models: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     masks = grounder(models, 1.1)("alpha/1.png", "alpha", ["striped fin"])

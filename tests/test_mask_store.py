@@ -40,6 +40,27 @@ def test_layout_and_round_trip(tmp_path, mask):
     assert store.kinds() == ["concept"]
 
 
+def test_masks_are_written_with_the_run_length_strategy(tmp_path, monkeypatch):
+    """The PNG is deflated with zlib's run-length strategy (faster than PIL's default on binary masks, and smaller
+    on compact ones) and stays an ordinary 8-bit PNG that PIL reads back exactly."""
+    import zlib
+
+    seen = []
+    save = Image.Image.save
+
+    def recording(self, fp, format=None, **params):
+        seen.append(params)
+        return save(self, fp, format, **params)
+
+    monkeypatch.setattr(Image.Image, "save", recording)
+    yy, xx = np.mgrid[:240, :320]
+    blob = ((yy - 120) / 70) ** 2 + ((xx - 150) / 100) ** 2 < 1
+    path = MaskStore(tmp_path).write("a/b.jpg", "object", blob)
+    assert seen == [{"compress_type": zlib.Z_RLE}]
+    with Image.open(path) as img:
+        assert img.mode == "L" and np.array_equal(np.asarray(img) > 0, blob)
+
+
 @pytest.mark.parametrize(
     "convert",
     [

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import zlib
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -144,7 +145,9 @@ class MaskStore:
         path = self.path(rel, kind, concept)
         binary = to_binary_mask(mask, name=f"mask for {rel!r} ({kind})")
         img = Image.fromarray(binary.astype(np.uint8) * 255, mode="L")
-        atomic_write(path, lambda handle: img.save(handle, format="PNG"))
+        # zlib's run-length strategy: the same 8-bit PNG, any reader inflates it; on binary masks it encodes
+        # 1.5x faster and 20 % smaller for a compact mask, 3.6x faster for a ragged one (docs/performance.md)
+        atomic_write(path, lambda handle: img.save(handle, format="PNG", compress_type=zlib.Z_RLE))
         return path
 
     # ---------------------------------------------------------------- manifest
