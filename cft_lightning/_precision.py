@@ -15,16 +15,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from cft_lightning.errors import UnsupportedPrecisionError
-
-if TYPE_CHECKING:
-    from cft_lightning.regularizers.base import Regularizer
-    from cft_lightning.relevance.base import RelevanceMethod
 
 __all__ = ["ALL_PRECISIONS", "PrecisionKind", "check_precision", "check_run_precision", "float32_region",
            "precision_kind", "upcast"]
@@ -78,10 +74,10 @@ def check_precision(precision: str | int | None, plugins: dict[str, tuple[type, 
         )
 
 
-def check_run_precision(precision: str | int | None, stage: str, relevance: RelevanceMethod | None,
-                        regularizer: Regularizer) -> None:
+def check_run_precision(precision: str | int | None, stage: str, relevance: Any, regularizer: Any) -> None:
     """The fine-tuner's start-up check: the relevance method's declared precisions in every stage (test explains
-    too), the regularizer's (its `requirements`) in the stages that run it (fit, validate)."""
+    too), the regularizer's (its `requirements`) in the stages that run it (fit, validate). Typed `Any`: the
+    plugin bases import this module, so naming them here would be an import cycle."""
     plugins = {} if relevance is None else {"model.relevance": (type(relevance), tuple(relevance.precisions))}
     if stage in ("fit", "validate"):
         plugins["model.regularizer"] = (type(regularizer), regularizer.requirements.precisions)
