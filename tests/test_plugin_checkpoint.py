@@ -40,8 +40,9 @@ REGULARIZER_ARGS: dict[str, dict[str, Any]] = {
                 "mask_kind": "decoy", "alignment_ratio": 0.25, "temperature": 2.0},
 }
 RELEVANCE_ARGS: dict[str, dict[str, Any]] = {
-    "attnlrp": {"attention_rule": "cp", "normalize": "positive_max", "eps": 1e-6},
-    "cp_lrp": {"attention_rule": "attnlrp", "normalize": "positive_max", "eps": 1e-6},  # overrides the preset
+    "attnlrp": {"attention_rule": "cp", "normalize": "positive_max", "eps": 1e-6, "second_order": "autograd"},
+    "cp_lrp": {"attention_rule": "attnlrp", "normalize": "positive_max", "eps": 1e-6,  # overrides the preset
+               "second_order": "autograd"},
     "rollout": {"normalize": "positive_max", "eps": 1e-6},
     "gradcam": {"layer": "blocks.0", "normalize": "positive_max", "eps": 1e-6},
     "iia": {"steps": 3, "normalize": "positive_max", "eps": 1e-6},

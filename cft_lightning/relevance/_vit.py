@@ -169,7 +169,8 @@ def trace_vit(model: nn.Module, images: Tensor) -> ViTTrace:
         attn = blk.attn
         B, N, _ = x.shape
         h, n1 = _layer_norm(blk.norm1, x)
-        qkv = attn.qkv(h).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        # contiguous once: every later product with q, k or v (forward, rule, both backwards) would copy a view
+        qkv = attn.qkv(h).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).contiguous()
         q, k, v = qkv.unbind(0)
         q, qn = _layer_norm(attn.q_norm, q)
         k, kn = _layer_norm(attn.k_norm, k)

@@ -38,19 +38,53 @@ def layer_norm_rule(g: Tensor, std: Tensor, weight: Tensor | None) -> Tensor:
         return (gw - gw.mean(dim=-1, keepdim=True)) / upcast(std)
 
 
+ActivationKind = Literal["gelu", "gelu_tanh", "quick_gelu", "silu", "relu", "identity"]
+
+_TIMM_KINDS: dict[str, ActivationKind] = {"GELU": "gelu", "GELUTanh": "gelu_tanh", "QuickGELU": "quick_gelu",
+                                          "Swish": "silu"}
+
+
+def activation_kind(act: nn.Module) -> ActivationKind | None:
+    """Which closed form act(h)/h has (torch's and timm's modules alike), or None (then it is computed as a
+    quotient)."""
+    if isinstance(act, nn.GELU):
+        return "gelu_tanh" if act.approximate == "tanh" else "gelu"
+    if isinstance(act, nn.SiLU):
+        return "silu"
+    if isinstance(act, nn.ReLU):
+        return "relu"
+    if isinstance(act, nn.Identity):
+        return "identity"
+    if type(act).__module__.startswith("timm."):
+        return _TIMM_KINDS.get(type(act).__name__)
+    return None
+
+
+def ratio_of_kind(kind: ActivationKind, h: Tensor) -> Tensor:
+    """act(h) / h in closed form (no division by ~0)."""
+    if kind == "gelu":
+        # gelu(h) / h = Phi(h), the standard normal CDF, as erfc(-h / sqrt 2) / 2: torch's ndtr gives the same
+        # values but is a scalar loop on CPU (15x slower than erfc on a ViT-B MLP activation)
+        return 0.5 * torch.special.erfc(h * (-1.0 / math.sqrt(2.0)))
+    if kind == "gelu_tanh":
+        return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (h + 0.044715 * h.pow(3))))
+    if kind == "quick_gelu":  # h * sigmoid(1.702 h)
+        return torch.sigmoid(1.702 * h)
+    if kind == "silu":
+        return torch.sigmoid(h)
+    if kind == "relu":
+        return (h > 0).to(h.dtype)
+    if kind == "identity":
+        return torch.ones_like(h)
+    raise ValueError(f"unknown activation kind {kind!r}")
+
+
 def activation_ratio(act: nn.Module, h: Tensor) -> Tensor:
     """act(h) / h, the identity rule's gradient factor for an element-wise activation, in closed form
     where it exists (no division by ~0)."""
-    if isinstance(act, nn.GELU):
-        if act.approximate == "tanh":
-            return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (h + 0.044715 * h.pow(3))))
-        return torch.special.ndtr(h)  # gelu(h) / h = Phi(h), the standard normal CDF, in one kernel
-    if isinstance(act, nn.SiLU):
-        return torch.sigmoid(h)
-    if isinstance(act, nn.ReLU):
-        return (h > 0).to(h.dtype)
-    if isinstance(act, nn.Identity):
-        return torch.ones_like(h)
+    kind = activation_kind(act)
+    if kind is not None:
+        return ratio_of_kind(kind, h)
     # float32 for the generic ratio: its 1e-12 stabiliser is 0 in float16 (a division by zero)
     with float32_region(h):
         h = upcast(h)

@@ -1,0 +1,297 @@
+"""The AttnLRP rules of `rules.py` as autograd Functions with hand-written derivatives: the same values, and
+the loss's gradient through them is the same, but the backward keeps far fewer tensors.
+
+A guided step differentiates the relevance map, i.e. it runs backward through the rule backward. Written as
+plain tensor expressions (`rules.py`), autograd keeps every intermediate of the rule backward for that pass:
+per block the MLP's modified gradients, the activation ratio and their product (three (B, N, 4D) tensors),
+the softmax rule's two (B, H, N, N) products, and the LayerNorm rule's centred copy. The Functions here keep
+only their inputs (most of which the forward trace holds anyway) plus one (B, N, 4D) tensor per MLP, and
+recompute the cheap element-wise parts and the (B, H, N, N) products in the backward.
+
+Each backward is written in differentiable tensor operations on the saved tensors, so the rules stay
+differentiable to any order (tests run `gradcheck` and `gradgradcheck` on each against `rules.py`). Under
+autocast the backward re-enters the forward's autocast state, so its matrix products run in the same type and
+its float32 regions are the forward's (`_precision.py`).
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import AbstractContextManager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from cft_lightning._precision import float32_region, upcast
+from cft_lightning.relevance.rules import ActivationKind, activation_kind, ratio_of_kind
+
+__all__ = ["attention_rule_fused", "fused_activation", "layer_norm_rule_fused", "mlp_rule_fused"]
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_INV_SQRT2 = 1.0 / math.sqrt(2.0)
+_LOG_2_INV_SQRT_2PI = math.log(2.0 / math.sqrt(2.0 * math.pi))
+_TANH_C = 0.044715
+
+
+def _save_autocast(ctx: Any, like: Tensor) -> None:
+    device = like.device.type
+    ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+
+
+def _autocast(ctx: Any) -> AbstractContextManager[Any]:
+    """The forward's autocast state (the backward runs outside the user's autocast context)."""
+    device, enabled, dtype = ctx.autocast
+    return torch.autocast(device, dtype=dtype, enabled=enabled)
+
+
+def _flat(t: Tensor) -> Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+# ---------------------------------------------------------------------------------------------------- MLP
+
+
+def fused_activation(act: nn.Module) -> ActivationKind | None:
+    """The closed form of `act`'s identity-rule ratio act(h)/h (whose derivative `_ratio_grad` knows), or None
+    when there is none (then the MLP rule runs as plain expressions)."""
+    return activation_kind(act)
+
+
+def _ratio_grad(kind: str, h: Tensor) -> Tensor | None:
+    """d(act(h)/h)/dh, None where it is 0 almost everywhere (ReLU, identity)."""
+    if kind == "gelu":  # d Phi / dh = phi, the standard normal density
+        return torch.exp(h.square() * -0.5) * _INV_SQRT_2PI
+    if kind == "gelu_tanh":
+        t = torch.tanh(_SQRT_2_OVER_PI * (h + _TANH_C * h.pow(3)))
+        return 0.5 * (1.0 - t.square()) * (_SQRT_2_OVER_PI * (1.0 + 3.0 * _TANH_C * h.square()))
+    if kind in ("silu", "quick_gelu"):
+        a = 1.702 if kind == "quick_gelu" else 1.0
+        s = torch.sigmoid(a * h)
+        return a * s * (1.0 - s)
+    return None
+
+
+class _MlpRule(torch.autograd.Function):
+    """g -> ((g @ W2) * act(h)/h) @ W1: the epsilon rule of fc2, the identity rule of the activation, the
+    epsilon rule of fc1. Keeps g, h, the weights and g @ W2; recomputes the ratio and the product.
+
+    The (B, N, 4D) element-wise passes are the cost beyond the matrix products, so the exact GELU (ViT, DeiT,
+    DINOv2) has a path with as few as the math allows: the ratio's 1/2 is moved onto the (B, N, D) side of
+    fc1, and phi(h) = exp(log(2c) - h^2 / 2) / 2 is one fused multiply-add and one exp.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, g: Tensor, hidden: Tensor, w2: Tensor, w1: Tensor, kind: str) -> Tensor:
+        gm = g @ w2
+        ctx.kind = kind
+        _save_autocast(ctx, g)
+        ctx.save_for_backward(g, hidden, w2, w1, gm)
+        # Function.forward runs without grad, so in place on our own temporaries is safe
+        if kind == "gelu":  # (gm * erfc(-h / sqrt 2) / 2) @ W1, the 1/2 applied to the narrower output
+            e = hidden * -_INV_SQRT2
+            return (torch.special.erfc(e, out=e).mul_(gm) @ w1).mul_(0.5)
+        return ratio_of_kind(kind, hidden).mul_(gm) @ w1
+
+    @staticmethod
+    def backward(ctx: Any, d_out: Tensor) -> tuple[Tensor | None, ...]:
+        g, hidden, w2, w1, gm = ctx.saved_tensors
+        need_g, need_h, need_w2, need_w1, _ = ctx.needs_input_grad
+        d_g = d_h = d_w2 = d_w1 = None
+        with _autocast(ctx):
+            if ctx.kind == "gelu" and not torch.is_grad_enabled():
+                # First order (no graph of this backward is built): in place on temporaries, and no more fresh
+                # (B, N, 4D) tensors than the math needs (on CPU a fresh one costs more than the pass that fills
+                # it). e = 2 Phi(h); d_p = d_out/2 @ W1^T, so d_gm = d_p * e and d_h = d_p * gm * 2 phi(h).
+                d_half = d_out * 0.5
+                e = hidden * -_INV_SQRT2
+                e = torch.special.erfc(e, out=e) if e.dtype == hidden.dtype else torch.special.erfc(e)
+                d_p = d_half @ w1.t()
+                scratch = None
+                if need_w1:
+                    scratch = torch.mul(e, gm)
+                    d_w1 = _flat(scratch).t() @ _flat(d_half)
+                if need_h:
+                    log_2c = torch.tensor(_LOG_2_INV_SQRT_2PI, dtype=hidden.dtype)
+                    if scratch is not None and scratch.dtype == hidden.dtype:
+                        d_h = torch.addcmul(log_2c, hidden, hidden, value=-0.5, out=scratch)
+                    else:
+                        d_h = torch.addcmul(log_2c, hidden, hidden, value=-0.5)
+                    d_h = d_h.exp_().mul_(gm).mul_(d_p)
+                d_gm = e.mul_(d_p)
+            else:  # any activation, and differentiable again when a higher-order graph is being built
+                if torch.is_grad_enabled():  # the saved gm was computed without a graph: rebuild it from g, W2
+                    gm = g @ w2
+                ratio = ratio_of_kind(ctx.kind, hidden)
+                d_p = d_out @ w1.t()
+                if need_w1:
+                    d_w1 = _flat(gm * ratio).t() @ _flat(d_out)
+                if need_h:
+                    slope = _ratio_grad(ctx.kind, hidden)
+                    d_h = None if slope is None else d_p * gm * slope
+                d_gm = d_p * ratio
+            if need_g:
+                d_g = d_gm @ w2.t()
+            if need_w2:
+                d_w2 = _flat(g).t() @ _flat(d_gm)
+        return d_g, d_h, d_w2, d_w1, None
+
+
+def mlp_rule_fused(g: Tensor, hidden: Tensor, fc2_weight: Tensor, fc1_weight: Tensor, kind: str) -> Tensor:
+    """Modified gradient at an MLP's input from the one at its output (`kind` from `fused_activation`)."""
+    return _MlpRule.apply(g, hidden, fc2_weight, fc1_weight, kind)
+
+
+# ---------------------------------------------------------------------------------------------- LayerNorm
+
+
+class _LayerNormRule(torch.autograd.Function):
+    """g -> (g*w - mean(g*w)) / std in float32 (see `rules.layer_norm_rule`). Keeps g, std and w only."""
+
+    @staticmethod
+    def forward(ctx: Any, g: Tensor, std: Tensor, weight: Tensor | None) -> Tensor:
+        with float32_region(g):
+            gw = upcast(g) * weight if weight is not None else upcast(g)
+            out = (gw - gw.mean(dim=-1, keepdim=True)) / upcast(std)
+        _save_autocast(ctx, g)
+        ctx.save_for_backward(g, std, weight)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, d_out: Tensor) -> tuple[Tensor | None, ...]:
+        g, std, weight = ctx.saved_tensors
+        need_g, need_std, need_w = ctx.needs_input_grad
+        d_g = d_std = d_w = None
+        with _autocast(ctx), float32_region(g):
+            std32, g32 = upcast(std), upcast(g)
+            u = upcast(d_out) / std32
+            d_gw = u - u.mean(dim=-1, keepdim=True)
+            if need_g:
+                d_g = (d_gw * weight if weight is not None else d_gw).to(g.dtype)
+            if need_w:
+                d_w = _flat(d_gw * g32).sum(dim=0)
+            if need_std:  # out = (gw - m) / std  =>  d std = -sum(u * (gw - m)) / std
+                gw = g32 * weight if weight is not None else g32
+                centred = (u * gw).sum(dim=-1, keepdim=True) - gw.mean(dim=-1, keepdim=True) * u.sum(-1, keepdim=True)
+                d_std = (-centred / std32).to(std.dtype)
+        return d_g, d_std, d_w
+
+
+def layer_norm_rule_fused(g: Tensor, std: Tensor, weight: Tensor | None) -> Tensor:
+    """`rules.layer_norm_rule` keeping only its inputs for the backward."""
+    return _LayerNormRule.apply(g, std, weight)
+
+
+# ---------------------------------------------------------------------------------------------- attention
+
+
+class _AttentionRule(torch.autograd.Function):
+    """The AttnLRP attention rule (`rules.attention_rule`, rule `attnlrp`). Keeps g_out, q, k, v and the
+    attention map (the last four are the trace's); recomputes G = g_out v^T and the softmax VJP S.
+
+    `attn` must be softmax(q k^T) of the same (scaled) q and k, as the trace records them: the map's gradient
+    with respect to `attn` is passed on through that softmax to q and k here, and none is returned for `attn`.
+    So no (B, H, N, N) gradient per block waits for the forward's backward, which starts only after the rule
+    backward of every block has run (with it, those gradients were the step's peak memory).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, g_out: Tensor, q: Tensor, k: Tensor, v: Tensor, attn: Tensor, scale: float):
+        g_v = attn.transpose(-2, -1) @ g_out
+        scores = _softmax_vjp(g_out @ v.transpose(-2, -1), attn)
+        ctx.scale = scale
+        _save_autocast(ctx, g_out)
+        ctx.save_for_backward(g_out, q, k, v, attn)
+        return (scores @ k) * (scale / 4.0), (scores.transpose(-2, -1) @ q) / 4.0, g_v / 2.0
+
+    @staticmethod
+    def backward(ctx: Any, d_gq: Tensor, d_gk: Tensor, d_gv: Tensor) -> tuple[Tensor | None, ...]:
+        g_out, q, k, v, attn = ctx.saved_tensors
+        need_gout, need_q, need_k, need_v, _, _ = ctx.needs_input_grad
+        need_attn = need_q or need_k  # through attn = softmax(q k^T)
+        graph = torch.is_grad_enabled()  # a higher-order graph is being built: out of place, differentiable
+        d_gout = d_q = d_k = d_v = None
+        with _autocast(ctx):
+            d_gv = d_gv / 2.0
+            d_gq = d_gq * (ctx.scale / 4.0)
+            d_gk = d_gk / 4.0
+            backward = _attention_backward_graph if graph else _attention_backward_inplace
+            d_big_g, d_attn, scores = backward(g_out, q, k, v, attn, d_gq, d_gk, need_attn)
+            if need_attn:
+                from_gv = g_out @ d_gv.transpose(-2, -1)
+                with float32_region(attn):
+                    d_attn = d_attn + upcast(from_gv) if graph else d_attn.add_(upcast(from_gv))
+                    a32 = upcast(attn)
+                    d_scores = torch._softmax_backward_data(d_attn, a32, -1, a32.dtype)
+            if need_q:
+                d_q = scores @ d_gk
+                d_q = d_q + d_scores @ k if graph else d_q.add_(d_scores @ k)
+            if need_k:
+                d_k = scores.transpose(-2, -1) @ d_gq
+                d_k = d_k + d_scores.transpose(-2, -1) @ q if graph else d_k.add_(d_scores.transpose(-2, -1) @ q)
+            if need_gout:
+                d_gout = attn @ d_gv + d_big_g @ v
+            if need_v:
+                d_v = d_big_g.transpose(-2, -1) @ g_out
+        return d_gout, d_q, d_k, d_v, None, None
+
+
+# The softmax rule's derivatives. With G = g_out v^T, r = rowsum(G * a), S = a * (G - r) (the softmax VJP) and
+# dS = d_gq k^T + q d_gk^T, c = rowsum(dS * a), t = dS - c:  dG = a * t (the softmax VJP again: its Jacobian is
+# symmetric) and da = dS * (G - r) - G * c = (G - r) * t - r * c. In float32 under autocast, as the forward.
+
+
+def _attention_backward_graph(
+    g_out: Tensor, q: Tensor, k: Tensor, v: Tensor, attn: Tensor, d_gq: Tensor, d_gk: Tensor, need_attn: bool
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    big_g = g_out @ v.transpose(-2, -1)
+    d_scores = d_gq @ k.transpose(-2, -1) + q @ d_gk.transpose(-2, -1)
+    with float32_region(attn):
+        a32, g32, ds32 = upcast(attn), upcast(big_g), upcast(d_scores)
+        scores = torch._softmax_backward_data(g32, a32, -1, a32.dtype)
+        d_big_g = torch._softmax_backward_data(ds32, a32, -1, a32.dtype)
+        d_attn = None
+        if need_attn:
+            r = (g32 * a32).sum(dim=-1, keepdim=True)
+            c = (ds32 * a32).sum(dim=-1, keepdim=True)
+            d_attn = torch.addcmul(ds32 * (g32 - r), g32, c, value=-1.0)
+    return d_big_g, d_attn, scores
+
+
+def _attention_backward_inplace(
+    g_out: Tensor, q: Tensor, k: Tensor, v: Tensor, attn: Tensor, d_gq: Tensor, d_gk: Tensor, need_attn: bool
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """The same values with the fewest (B, H, N, N) passes, in place on its own temporaries (first order only)."""
+    big_g = g_out @ v.transpose(-2, -1)
+    d_scores = (d_gq @ k.transpose(-2, -1)).add_(q @ d_gk.transpose(-2, -1))
+    with float32_region(attn):
+        a32, g_r, t = upcast(attn), upcast(big_g), upcast(d_scores)
+        r = _rowdot(g_r, a32)
+        g_r = g_r.sub_(r)  # G - r
+        scores = a32 * g_r
+        c = _rowdot(t, a32)
+        t = t.sub_(c)
+        d_attn = g_r.mul_(t).sub_(r * c) if need_attn else None
+        d_big_g = t.mul_(a32)
+    return d_big_g, d_attn, scores
+
+
+def _rowdot(x: Tensor, y: Tensor) -> Tensor:
+    """sum(x * y) over the last dimension, keeping it (one pass, no (B, H, N, N) product materialised)."""
+    return torch.einsum("...ij,...ij->...i", x, y).unsqueeze(-1)
+
+
+def _softmax_vjp(big_g: Tensor, attn: Tensor) -> Tensor:
+    # In float32 under autocast: G - sum(G * a) cancels (the DTD rule's bias term); see rules.attention_rule.
+    with float32_region(big_g):
+        a32 = upcast(attn)
+        return torch._softmax_backward_data(upcast(big_g), a32, -1, a32.dtype)
+
+
+def attention_rule_fused(
+    g_out: Tensor, q: Tensor, k: Tensor, v: Tensor, attn: Tensor, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`rules.attention_rule(..., rule="attnlrp")` keeping no (B, H, N, N) tensor of its own for the backward."""
+    return _AttentionRule.apply(g_out, q, k, v, attn, scale)
+
