@@ -170,3 +170,23 @@ def test_constants():
     from cft_lightning.relevance import _fused_rules as fr
 
     assert math.isclose(math.exp(fr._LOG_2_INV_SQRT_2PI), 2.0 / math.sqrt(2.0 * math.pi))
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_trace_layer_norm_returns_a_differentiable_std(affine):
+    """The trace's LayerNorm computes the output and the std the rule needs in one kernel; both match the plain
+    expressions, with first and second derivatives checked numerically."""
+    from cft_lightning.relevance._vit import _LayerNormWithStd
+
+    x = _double(2, 3, 6, seed=0, scale=2.0)
+    weight, bias = (_double(6, seed=1), _double(6, seed=2)) if affine else (None, None)
+    y, std = _LayerNormWithStd.apply(x, weight, bias, 1e-5)
+    torch.testing.assert_close(y, F.layer_norm(x, (6,), weight, bias, 1e-5))
+    torch.testing.assert_close(std, torch.sqrt(x.var(dim=-1, unbiased=False, keepdim=True) + 1e-5))
+    args = (x, weight, bias) if affine else (x,)
+
+    def f(*a):
+        return _LayerNormWithStd.apply(*a, 1e-5) if affine else _LayerNormWithStd.apply(*a, None, None, 1e-5)
+
+    assert torch.autograd.gradcheck(f, args)
+    assert torch.autograd.gradgradcheck(f, args)

@@ -9,6 +9,7 @@ backward on these records as plain differentiable tensor operations.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -124,6 +125,38 @@ class ViTTrace:
     fc_norm: NormRecord | None = None
 
 
+class _LayerNormWithStd(torch.autograd.Function):
+    """LayerNorm over the last dimension that also returns its per-token std, sqrt(var + eps), as a differentiable
+    output: one fused kernel for both (the rule needs the std, and the loss's gradient flows through it), where
+    `F.layer_norm` plus a separate variance would read the activations twice more, forward and backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
+        y, mean, rstd = torch.native_layer_norm(x, x.shape[-1:], weight, bias, eps)
+        ctx.eps = eps
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        return y, rstd.reciprocal()
+
+    @staticmethod
+    def backward(ctx: Any, d_y: Tensor, d_std: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        need_x, need_w, need_b, _ = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # a higher-order graph: differentiate the plain expressions again
+            with torch.enable_grad():
+                inputs = [t for t in (x, weight, bias) if t is not None]
+                y = F.layer_norm(x, x.shape[-1:], weight, bias, ctx.eps)
+                std = torch.sqrt(x.var(dim=-1, unbiased=False, keepdim=True) + ctx.eps)
+                grads = iter(torch.autograd.grad((y, std), inputs, (d_y, d_std), create_graph=True,
+                                                 allow_unused=True))
+                return next(grads), *(None if t is None else next(grads) for t in (weight, bias)), None
+        d_x, d_w, d_b = torch.ops.aten.native_layer_norm_backward(
+            d_y, x, x.shape[-1:], mean, rstd, weight, bias, [need_x, need_w and weight is not None,
+                                                          need_b and bias is not None])
+        if need_x:  # d std / d x_j = (x_j - mean) / (D std)
+            d_x = d_x + (x - mean) * (d_std * rstd / x.shape[-1])
+        return d_x, d_w, d_b, None
+
+
 def _layer_norm(m: nn.Module, x: Tensor) -> tuple[Tensor, NormRecord | None]:
     """Apply `m` (LayerNorm or Identity) and record what the LN rule needs."""
     if _is_identity(m):
@@ -131,9 +164,7 @@ def _layer_norm(m: nn.Module, x: Tensor) -> tuple[Tensor, NormRecord | None]:
     # float32 statistics under autocast (as CUDA autocast runs layer_norm): a variance in bfloat16 loses the
     # small spread of a token around its mean, and 1/std scales the LayerNorm rule's gradient.
     with float32_region(x):
-        x = upcast(x)
-        y = F.layer_norm(x, m.normalized_shape, m.weight, m.bias, m.eps)
-        std = torch.sqrt(x.var(dim=-1, unbiased=False, keepdim=True) + m.eps)
+        y, std = _LayerNormWithStd.apply(upcast(x), m.weight, m.bias, m.eps)
     return y, NormRecord(weight=m.weight, std=std)
 
 
