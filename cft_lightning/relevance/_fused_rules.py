@@ -166,15 +166,19 @@ class _LayerNormRule(torch.autograd.Function):
         with _autocast(ctx), float32_region(g):
             std32, g32 = upcast(std), upcast(g)
             u = upcast(d_out) / std32
-            d_gw = u - u.mean(dim=-1, keepdim=True)
+            u_mean = u.mean(dim=-1, keepdim=True)
+            d_gw = u - u_mean if torch.is_grad_enabled() else u.sub_(u_mean)  # in place: u is our temporary
             if need_g:
                 d_g = (d_gw * weight if weight is not None else d_gw).to(g.dtype)
-            if need_w:
-                d_w = _flat(d_gw * g32).sum(dim=0)
-            if need_std:  # out = (gw - m) / std  =>  d std = -sum(u * (gw - m)) / std
-                gw = g32 * weight if weight is not None else g32
-                centred = (u * gw).sum(dim=-1, keepdim=True) - gw.mean(dim=-1, keepdim=True) * u.sum(-1, keepdim=True)
-                d_std = (-centred / std32).to(std.dtype)
+            if need_w or need_std:
+                # out = (gw - m) / std  =>  d std = -sum(u * (gw - m)) / std = -sum(d_gw * g * w) / std, as the
+                # centred d_gw sums to 0 against the constant m; and d w = sum over tokens of d_gw * g
+                d_gw_g = d_gw * g32
+                if need_w:
+                    d_w = _flat(d_gw_g).sum(dim=0)
+                if need_std:
+                    dot = d_gw_g @ weight if weight is not None else d_gw_g.sum(dim=-1)
+                    d_std = (-dot.unsqueeze(-1) / std32).to(std.dtype)
         return d_g, d_std, d_w
 
 
