@@ -16,25 +16,15 @@ import collections
 from typing import Any
 
 import torch
+from step_cost import build, make_batch, model_arguments  # this folder is on sys.path when the script runs
 
 import cft_lightning.relevance.attn_lrp as attn_lrp
-from cft_lightning.models import BackboneSpec, GuidedFineTuner
-from cft_lightning.regularizers import CFT
-from cft_lightning.relevance import AttnLRP
 
 
 def saved_by_phase(model: str, size: int, batch_size: int, num_classes: int, second_order: str) -> dict[str, int]:
-    spec = BackboneSpec(name=model, pretrained=False, num_classes=num_classes, model_kwargs={"img_size": size})
-    module = GuidedFineTuner(spec, CFT(), AttnLRP(second_order=second_order), track_reference=False)
-    module.train()
-    module.log = lambda *a, **k: None  # type: ignore[method-assign]  # no Trainer attached
-    module.log_dict = lambda *a, **k: None  # type: ignore[method-assign]
-    g = torch.Generator().manual_seed(0)
-    masks = torch.zeros(batch_size, size, size)
-    masks[:, size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 1.0
-    batch: dict[str, Any] = {"image": torch.randn(batch_size, 3, size, size, generator=g),
-                             "label": torch.randint(0, num_classes, (batch_size,), generator=g),
-                             "masks": {"concept": masks}, "path": [f"{i}.png" for i in range(batch_size)]}
+    module, _ = build({"fused": "cft_attnlrp", "autograd": "cft_attnlrp_autograd"}[second_order], model, size,
+                      num_classes)
+    batch = make_batch(batch_size, size, num_classes)
     params = {p.untyped_storage().data_ptr() for p in module.parameters()}
     phase = ["forward"]
     seen: set[int] = set()
@@ -70,10 +60,7 @@ def saved_by_phase(model: str, size: int, batch_size: int, num_classes: int, sec
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="vit_base_patch16_224")
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--num_classes", type=int, default=1000)
+    model_arguments(parser)
     parser.add_argument("--second_order", nargs="+", default=["fused", "autograd"], choices=["fused", "autograd"])
     args = parser.parse_args()
     print(f"{args.model} @ {args.size}px, batch {args.batch_size}: MiB kept for the backward (parameters excluded)")

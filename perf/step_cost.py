@@ -103,12 +103,17 @@ def measure_memory(method: str, args: argparse.Namespace) -> dict[str, float]:
     return {"before_mib": before / 1024, "peak_mib": peak / 1024, "step_mib": (peak - before) / 1024}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The step's model and batch: ViT-B/16 at 224 px, batch 8, 1000 classes unless told otherwise."""
     parser.add_argument("--model", default="vit_base_patch16_224")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--num_classes", type=int, default=1000)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    model_arguments(parser)
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per method (after one warm-up)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),

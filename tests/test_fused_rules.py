@@ -190,3 +190,20 @@ def test_trace_layer_norm_returns_a_differentiable_std(affine):
 
     assert torch.autograd.gradcheck(f, args)
     assert torch.autograd.gradgradcheck(f, args)
+
+
+def test_saved_tensors_script_reports_each_phase(monkeypatch):
+    """perf/saved_tensors.py (the memory breakdown in docs/performance.md) on a tiny ViT: every phase is counted,
+    and the fused rule backward keeps less than the autograd one while the forward is the same."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "perf"))
+    monkeypatch.delitem(sys.modules, "saved_tensors", raising=False)
+    script = importlib.import_module("saved_tensors")
+    fused = script.saved_by_phase("vit_tiny_patch16_224", 64, 2, 10, "fused")
+    plain = script.saved_by_phase("vit_tiny_patch16_224", 64, 2, 10, "autograd")
+    assert set(fused) == set(plain) == {"forward", "rule backward", "loss"}
+    assert fused["forward"] == plain["forward"]
+    assert 0 < fused["rule backward"] < 0.7 * plain["rule backward"]
