@@ -8,8 +8,9 @@ the softmax rule's two (B, H, N, N) products, and the LayerNorm rule's centred c
 only their inputs (most of which the forward trace holds anyway) plus one (B, N, 4D) tensor per MLP, and
 recompute the cheap element-wise parts and the (B, H, N, N) products in the backward.
 
-Each backward is written in differentiable tensor operations on the saved tensors, so the rules stay
-differentiable to any order (tests run `gradcheck` and `gradgradcheck` on each against `rules.py`). Under
+Each backward has two paths: in place on its own temporaries when no higher-order graph is being built (a
+training step), and out of place in differentiable operations when one is, so the rules stay differentiable
+to any order (tests run `gradcheck` and `gradgradcheck` on each, and compare with `rules.py`). Under
 autocast the backward re-enters the forward's autocast state, so its matrix products run in the same type and
 its float32 regions are the forward's (`_precision.py`).
 """
