@@ -66,32 +66,30 @@ UTILISATION = 0.3
 
 # ------------------------------------------------------------------------------------------------ models
 def save_detector(folder: Path, size: str) -> None:
-    """GroundingDINO (default config, or a tiny one) and its PIL processor, random weights, in `folder`."""
-    from transformers import (
-        BertTokenizer,
-        GroundingDinoConfig,
-        GroundingDinoForObjectDetection,
-        GroundingDinoProcessor,
-        SwinConfig,
-    )
+    """GroundingDINO (default config, or the tests' tiny one) and its PIL processor, random weights, in `folder`."""
+    if size != "full":
+        _tests_on_path()
+        from _sam_helpers import save_tiny_detector
+
+        save_tiny_detector(folder, words=WORDS)
+        return
+    from transformers import BertTokenizer, GroundingDinoConfig, GroundingDinoForObjectDetection, GroundingDinoProcessor
     from transformers.models.grounding_dino.image_processing_pil_grounding_dino import GroundingDinoImageProcessorPil
 
     torch.manual_seed(0)
-    if size == "full":
-        config, image_processor = GroundingDinoConfig(), GroundingDinoImageProcessorPil()
-    else:
-        config = GroundingDinoConfig(
-            backbone_config=SwinConfig(window_size=7, embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
-                                       image_size=64, out_indices=[2, 3, 4]),
-            text_config=dict(model_type="bert", vocab_size=len(WORDS), hidden_size=8, num_hidden_layers=1,
-                             num_attention_heads=2, intermediate_size=8, max_position_embeddings=32),
-            d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
-            encoder_ffn_dim=16, decoder_ffn_dim=16, num_queries=10, max_text_len=32, encoder_n_points=2,
-            decoder_n_points=2)
-        image_processor = GroundingDinoImageProcessorPil(size={"shortest_edge": 64, "longest_edge": 96})
-    GroundingDinoForObjectDetection(config).save_pretrained(folder)
+    GroundingDinoForObjectDetection(GroundingDinoConfig()).save_pretrained(folder)
     tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(WORDS)})
-    GroundingDinoProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+    processor = GroundingDinoProcessor(image_processor=GroundingDinoImageProcessorPil(), tokenizer=tokenizer)
+    processor.save_pretrained(folder)
+
+
+def _tests_on_path() -> None:
+    """The tests' tiny-model builders (tests/_sam_helpers.py) are shared with this script."""
+    import sys
+
+    tests = str(Path(__file__).resolve().parents[1] / "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
 
 
 def save_sams(root: Path, size: str) -> tuple[str, Any]:
@@ -102,15 +100,13 @@ def save_sams(root: Path, size: str) -> tuple[str, Any]:
     init: transformers' own SAM init makes activations so small (1e-8 after the patch embedding, subnormal floats
     in the attention) that its image encoder took 62 s instead of 6 s per image on this CPU, a cost of the
     weights that a trained SAM does not have. Returns (transformers folder, segment-anything segmenter)."""
-    import sys
-
     from segment_anything import sam_model_registry
     from transformers import SamConfig, SamModel, SamProcessor
     from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil
 
     from cft_lightning.masks.sam_backends import SegmentAnythingSAM
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    _tests_on_path()
     from _sam_helpers import save_tiny_transformers_sam, tiny_segment_anything, to_transformers
 
     folder = root / f"sam_{size}"

@@ -17,8 +17,9 @@ WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "round", "eye", "str
 PIXEL_MEAN, PIXEL_STD = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]  # segment_anything/build_sam.py
 
 
-def save_tiny_detector(folder: Path) -> None:
-    """A tiny GroundingDINO and its processor (PIL backend), `save_pretrained` into `folder`."""
+def save_tiny_detector(folder: Path, words: list[str] = WORDS) -> None:
+    """A tiny GroundingDINO and its processor (PIL backend) with the vocabulary `words`, `save_pretrained` into
+    `folder`."""
     from transformers import (
         BertTokenizer,
         GroundingDinoConfig,
@@ -29,11 +30,11 @@ def save_tiny_detector(folder: Path) -> None:
     from transformers.models.grounding_dino.image_processing_pil_grounding_dino import GroundingDinoImageProcessorPil
 
     torch.manual_seed(0)
-    tok = BertTokenizer(vocab={w: i for i, w in enumerate(WORDS)})
+    tok = BertTokenizer(vocab={w: i for i, w in enumerate(words)})
     cfg = GroundingDinoConfig(
         backbone_config=SwinConfig(window_size=7, embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
                                    image_size=64, out_indices=[2, 3, 4]),
-        text_config=dict(model_type="bert", vocab_size=len(WORDS), hidden_size=8, num_hidden_layers=1,
+        text_config=dict(model_type="bert", vocab_size=len(words), hidden_size=8, num_hidden_layers=1,
                          num_attention_heads=2, intermediate_size=8, max_position_embeddings=32),
         d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
         encoder_ffn_dim=16, decoder_ffn_dim=16, num_queries=10, max_text_len=32, encoder_n_points=2,
