@@ -203,73 +203,83 @@ class _AttentionRule(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, g_out: Tensor, q: Tensor, k: Tensor, v: Tensor, attn: Tensor, scale: float):
-        g_v = attn.transpose(-2, -1) @ g_out
-        scores = _softmax_vjp(g_out @ v.transpose(-2, -1), attn)
         ctx.scale = scale
         _save_autocast(ctx, g_out)
-        ctx.save_for_backward(g_out, q, k, v, attn)
-        return (scores @ k) * (scale / 4.0), (scores.transpose(-2, -1) @ q) / 4.0, g_v / 2.0
+        ctx.save_for_backward(g_out, q, k, v, attn)  # g_out as given: the graph path differentiates through it
+        g_out = g_out.contiguous()  # a head view of (B, N, D): each product would copy it otherwise
+        g_v = attn.transpose(-2, -1) @ g_out
+        scores = _softmax_vjp(g_out @ v.transpose(-2, -1), attn)
+        return (scores @ k).mul_(scale / 4.0), (scores.transpose(-2, -1) @ q).mul_(0.25), g_v.mul_(0.5)
 
     @staticmethod
     def backward(ctx: Any, d_gq: Tensor, d_gk: Tensor, d_gv: Tensor) -> tuple[Tensor | None, ...]:
-        g_out, q, k, v, attn = ctx.saved_tensors
-        need_gout, need_q, need_k, need_v, _, _ = ctx.needs_input_grad
-        need_attn = need_q or need_k  # through attn = softmax(q k^T)
-        graph = torch.is_grad_enabled()  # a higher-order graph is being built: out of place, differentiable
-        d_gout = d_q = d_k = d_v = None
+        needs = ctx.needs_input_grad[:4]  # g_out, q, k, v
+        # a higher-order graph is being built: out of place, differentiable; else in place on temporaries
+        backward = _attention_backward_graph if torch.is_grad_enabled() else _attention_backward_first_order
         with _autocast(ctx):
-            d_gv = d_gv / 2.0
-            d_gq = d_gq * (ctx.scale / 4.0)
-            d_gk = d_gk / 4.0
-            backward = _attention_backward_graph if graph else _attention_backward_inplace
-            d_big_g, d_attn, scores = backward(g_out, q, k, v, attn, d_gq, d_gk, need_attn)
-            if need_attn:
-                from_gv = g_out @ d_gv.transpose(-2, -1)
-                with float32_region(attn):
-                    d_attn = d_attn + upcast(from_gv) if graph else d_attn.add_(upcast(from_gv))
-                    a32 = upcast(attn)
-                    d_scores = torch._softmax_backward_data(d_attn, a32, -1, a32.dtype)
-            if need_q:
-                d_q = scores @ d_gk
-                d_q = d_q + d_scores @ k if graph else d_q.add_(d_scores @ k)
-            if need_k:
-                d_k = scores.transpose(-2, -1) @ d_gq
-                d_k = d_k + d_scores.transpose(-2, -1) @ q if graph else d_k.add_(d_scores.transpose(-2, -1) @ q)
-            if need_gout:
-                d_gout = attn @ d_gv + d_big_g @ v
-            if need_v:
-                d_v = d_big_g.transpose(-2, -1) @ g_out
-        return d_gout, d_q, d_k, d_v, None, None
+            return (*backward(*ctx.saved_tensors, d_gq, d_gk, d_gv, ctx.scale, needs), None, None)
 
 
 # The softmax rule's derivatives. With G = g_out v^T, r = rowsum(G * a), S = a * (G - r) (the softmax VJP) and
 # dS = d_gq k^T + q d_gk^T, c = rowsum(dS * a), t = dS - c:  dG = a * t (the softmax VJP again: its Jacobian is
-# symmetric) and da = dS * (G - r) - G * c = (G - r) * t - r * c. In float32 under autocast, as the forward.
+# symmetric) and da = dS * (G - r) - G * c = (G - r) * t - r * c, plus g_out d_gv^T from the uniform rule on
+# A v. da goes on through attn = softmax(q k^T) to q and k. The (B, H, N, N) parts run in float32 under
+# autocast, as the forward.
+
+_Grads = tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]
 
 
 def _attention_backward_graph(
-    g_out: Tensor, q: Tensor, k: Tensor, v: Tensor, attn: Tensor, d_gq: Tensor, d_gk: Tensor, need_attn: bool
-) -> tuple[Tensor, Tensor | None, Tensor]:
+    g_out: Tensor, q: Tensor, k: Tensor, v: Tensor, attn: Tensor, d_gq: Tensor, d_gk: Tensor, d_gv: Tensor,
+    scale: float, needs: tuple[bool, ...],
+) -> _Grads:
+    """Out of place in differentiable operations (a higher-order graph is being built)."""
+    need_gout, need_q, need_k, need_v = needs
+    d_gq, d_gk, d_gv = d_gq * (scale / 4.0), d_gk * 0.25, d_gv * 0.5
     big_g = g_out @ v.transpose(-2, -1)
     d_scores = d_gq @ k.transpose(-2, -1) + q @ d_gk.transpose(-2, -1)
     with float32_region(attn):
         a32, g32, ds32 = upcast(attn), upcast(big_g), upcast(d_scores)
         scores = torch._softmax_backward_data(g32, a32, -1, a32.dtype)
         d_big_g = torch._softmax_backward_data(ds32, a32, -1, a32.dtype)
-        d_attn = None
-        if need_attn:
+    d_q = d_k = d_gout = d_v = None
+    if need_q or need_k:
+        from_gv = g_out @ d_gv.transpose(-2, -1)
+        with float32_region(attn):
             r = (g32 * a32).sum(dim=-1, keepdim=True)
             c = (ds32 * a32).sum(dim=-1, keepdim=True)
-            d_attn = torch.addcmul(ds32 * (g32 - r), g32, c, value=-1.0)
-    return d_big_g, d_attn, scores
+            d_attn = torch.addcmul(ds32 * (g32 - r), g32, c, value=-1.0) + upcast(from_gv)
+            d_logits = torch._softmax_backward_data(d_attn, a32, -1, a32.dtype)
+        if need_q:
+            d_q = scores @ d_gk + d_logits @ k
+        if need_k:
+            d_k = scores.transpose(-2, -1) @ d_gq + d_logits.transpose(-2, -1) @ q
+    if need_gout:
+        d_gout = attn @ d_gv + d_big_g @ v
+    if need_v:
+        d_v = d_big_g.transpose(-2, -1) @ g_out
+    return d_gout, d_q, d_k, d_v
 
 
-def _attention_backward_inplace(
-    g_out: Tensor, q: Tensor, k: Tensor, v: Tensor, attn: Tensor, d_gq: Tensor, d_gk: Tensor, need_attn: bool
-) -> tuple[Tensor, Tensor | None, Tensor]:
-    """The same values with the fewest (B, H, N, N) passes, in place on its own temporaries (first order only)."""
+def _attention_backward_first_order(
+    g_out: Tensor, q: Tensor, k: Tensor, v: Tensor, attn: Tensor, d_gq: Tensor, d_gk: Tensor, d_gv: Tensor,
+    scale: float, needs: tuple[bool, ...],
+) -> _Grads:
+    """The same values with the fewest (B, H, N, N) passes, in place on its own temporaries. Every
+    (B, H, N, N) pass is a trip through memory, and they cost as much as the products that read them."""
+    need_gout, need_q, need_k, need_v = needs
+    need_attn = need_q or need_k
+    d = q.shape[-1]
+    g_out = g_out.contiguous()
+    # The incoming gradients are views of the (B, N, 3, H, d) stack: each is scaled into (B, H, N, d) order
+    # once, and d_gq, d_gk straight into [d_gq | q] and [k | d_gk], so that dS = d_gq k^T + q d_gk^T is one
+    # product over 2d (no second (B, H, N, N) product and no sum of two).
+    left = _side_by_side(d_gq, scale / 4.0, q, None)
+    right = _side_by_side(k, None, d_gk, 0.25)
+    d_gq, d_gk = left[..., :d], right[..., d:]
+    d_gv = torch.mul(d_gv, 0.5, out=torch.empty(d_gv.shape, dtype=d_gv.dtype, device=d_gv.device))
     big_g = g_out @ v.transpose(-2, -1)
-    d_scores = (d_gq @ k.transpose(-2, -1)).add_(q @ d_gk.transpose(-2, -1))
+    d_scores = left @ right.transpose(-2, -1)
     with float32_region(attn):
         a32, g_r, t = upcast(attn), upcast(big_g), upcast(d_scores)
         r = _rowdot(g_r, a32)
@@ -277,9 +287,41 @@ def _attention_backward_inplace(
         scores = a32 * g_r
         c = _rowdot(t, a32)
         t = t.sub_(c)
-        d_attn = g_r.mul_(t).sub_(r * c) if need_attn else None
-        d_big_g = t.mul_(a32)
-    return d_big_g, d_attn, scores
+        d_attn = torch.addcmul((r * c).neg_(), g_r, t, out=g_r) if need_attn else None
+    d_q = d_k = d_gout = d_v = None
+    if d_attn is not None:
+        _add_product(d_attn, g_out, d_gv.transpose(-2, -1))
+        with float32_region(attn):
+            d_logits = torch._softmax_backward_data(d_attn, a32, -1, a32.dtype)
+        if need_q:
+            d_q = _add_product(scores @ d_gk, d_logits, k)
+        if need_k:
+            d_k = _add_product(scores.transpose(-2, -1) @ d_gq, d_logits.transpose(-2, -1), q)
+    d_big_g = t.mul_(a32)
+    if need_gout:
+        d_gout = _add_product(attn @ d_gv, d_big_g, v)
+    if need_v:
+        d_v = d_big_g.transpose(-2, -1) @ g_out
+    return d_gout, d_q, d_k, d_v
+
+
+def _side_by_side(x: Tensor, x_scale: float | None, y: Tensor, y_scale: float | None) -> Tensor:
+    """[x * x_scale | y * y_scale] along the last dimension (contiguous), one pass per half."""
+    width = x.shape[-1]
+    out = torch.empty(*x.shape[:-1], width + y.shape[-1], dtype=torch.promote_types(x.dtype, y.dtype),
+                      device=x.device)
+    for part, src, c in ((out[..., :width], x, x_scale), (out[..., width:], y, y_scale)):
+        torch.mul(src, c, out=part) if c is not None else part.copy_(src)
+    return out
+
+
+def _add_product(acc: Tensor, x: Tensor, y: Tensor) -> Tensor:
+    """acc += x @ y over (..., n, m) batches, in place. When nothing is autocast and the types agree, the
+    product accumulates into `acc` itself (no (..., n, m) temporary and no extra pass); else as autocast runs it."""
+    if acc.dtype == x.dtype == y.dtype and acc.is_contiguous() and not torch.is_autocast_enabled(acc.device.type):
+        acc.view(-1, *acc.shape[-2:]).baddbmm_(x.reshape(-1, *x.shape[-2:]), y.reshape(-1, *y.shape[-2:]))
+        return acc
+    return acc.add_(x @ y)
 
 
 def _rowdot(x: Tensor, y: Tensor) -> Tensor:

@@ -152,8 +152,8 @@ class _LayerNormWithStd(torch.autograd.Function):
         d_x, d_w, d_b = torch.ops.aten.native_layer_norm_backward(
             d_y, x, x.shape[-1:], mean, rstd, weight, bias, [need_x, need_w and weight is not None,
                                                           need_b and bias is not None])
-        if need_x:  # d std / d x_j = (x_j - mean) / (D std)
-            d_x = d_x + (x - mean) * (d_std * rstd / x.shape[-1])
+        if need_x:  # d std / d x_j = (x_j - mean) / (D std); d_x is this function's own tensor: in place
+            d_x = d_x.addcmul_(x - mean, d_std * rstd / x.shape[-1])
         return d_x, d_w, d_b, None
 
 
