@@ -18,6 +18,7 @@ its float32 regions are the forward's (`_precision.py`).
 from __future__ import annotations
 
 import math
+import threading
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -49,6 +50,37 @@ def _autocast(ctx: Any) -> AbstractContextManager[Any]:
 
 def _flat(t: Tensor) -> Tensor:
     return t.reshape(-1, t.shape[-1])
+
+
+class _Workspace(threading.local):
+    """Temporaries reused from call to call on CPU: one buffer per name, kept at the last shape and type asked.
+
+    On CPU a fresh (B, N, 4D) temporary is fresh memory from the system (glibc maps blocks this large anew and
+    hands them back), and faulting it in costs several times the element-wise pass that fills it (measured in
+    docs/performance.md). CUDA's caching allocator already reuses memory, so there every call gets a new
+    tensor. A buffer never outlives the call that takes it: nothing a rule returns or saves aliases one, and one
+    call never takes the same name twice. Per thread, as autograd may run backward on several.
+    """
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, Tensor] = {}
+
+    def take(self, name: str, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
+        if device.type != "cpu":
+            return torch.empty(shape, dtype=dtype, device=device)
+        buf = self.buffers.get(name)
+        if buf is None or buf.shape != shape or buf.dtype != dtype:
+            self.buffers.pop(name, None)  # freed before the new one is taken
+            buf = self.buffers[name] = torch.empty(shape, dtype=dtype, device=device)
+        return buf
+
+
+_WORKSPACE = _Workspace()
+
+
+def _scaled_into(name: str, t: Tensor, c: float) -> Tensor:
+    """t * c in the workspace buffer `name`."""
+    return torch.mul(t, c, out=_WORKSPACE.take(name, t.shape, t.dtype, t.device))
 
 
 # ---------------------------------------------------------------------------------------------------- MLP
@@ -91,7 +123,7 @@ class _MlpRule(torch.autograd.Function):
         ctx.save_for_backward(g, hidden, w2, w1, gm)
         # Function.forward runs without grad, so in place on our own temporaries is safe
         if kind == "gelu":  # (gm * erfc(-h / sqrt 2) / 2) @ W1, the 1/2 applied to the narrower output
-            e = hidden * -_INV_SQRT2
+            e = _scaled_into("mlp.e", hidden, -_INV_SQRT2)
             return (torch.special.erfc(e, out=e).mul_(gm) @ w1).mul_(0.5)
         return ratio_of_kind(kind, hidden).mul_(gm) @ w1
 
@@ -106,9 +138,9 @@ class _MlpRule(torch.autograd.Function):
                 # (B, N, 4D) tensors than the math needs (on CPU a fresh one costs more than the pass that fills
                 # it). e = 2 Phi(h); d_p = d_out/2 @ W1^T, so d_gm = d_p * e and d_h = d_p * gm * 2 phi(h).
                 d_half = d_out * 0.5
-                e = hidden * -_INV_SQRT2
-                e = torch.special.erfc(e, out=e) if e.dtype == hidden.dtype else torch.special.erfc(e)
-                d_p = d_half @ w1.t()
+                e = _scaled_into("mlp.e", hidden, -_INV_SQRT2)
+                e = torch.special.erfc(e, out=e)
+                d_p = _product_into("mlp.d_p", d_half, w1.t())
                 scratch = None
                 if need_w1:
                     scratch = torch.mul(e, gm)
@@ -139,6 +171,19 @@ class _MlpRule(torch.autograd.Function):
         return d_g, d_h, d_w2, d_w1, None
 
 
+def _product_into(name: str, x: Tensor, w: Tensor) -> Tensor:
+    """x @ w for x (..., m, k) and w (k, n) or (..., k, n), in the workspace buffer `name` when nothing is
+    autocast and the types agree (else as autocast runs it)."""
+    if x.dtype != w.dtype or torch.is_autocast_enabled(x.device.type):
+        return x @ w
+    out = _WORKSPACE.take(name, x.shape[:-1] + w.shape[-1:], x.dtype, x.device)
+    if w.dim() == 2:
+        torch.mm(_flat(x), w, out=_flat(out))
+    else:
+        torch.bmm(x.reshape(-1, *x.shape[-2:]), w.reshape(-1, *w.shape[-2:]), out=out.view(-1, *out.shape[-2:]))
+    return out
+
+
 def mlp_rule_fused(g: Tensor, hidden: Tensor, fc2_weight: Tensor, fc1_weight: Tensor, kind: str) -> Tensor:
     """Modified gradient at an MLP's input from the one at its output (`kind` from `fused_activation`)."""
     return _MlpRule.apply(g, hidden, fc2_weight, fc1_weight, kind)
@@ -152,9 +197,10 @@ class _LayerNormRule(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, g: Tensor, std: Tensor, weight: Tensor | None) -> Tensor:
-        with float32_region(g):
+        with float32_region(g):  # in place on the first temporary (Function.forward records no graph)
             gw = upcast(g) * weight if weight is not None else upcast(g)
-            out = (gw - gw.mean(dim=-1, keepdim=True)) / upcast(std)
+            mean = gw.mean(dim=-1, keepdim=True)
+            out = (gw.sub_(mean) if gw is not g else gw - mean).div_(upcast(std))
         _save_autocast(ctx, g)
         ctx.save_for_backward(g, std, weight)
         return out
@@ -174,7 +220,8 @@ class _LayerNormRule(torch.autograd.Function):
             if need_w or need_std:
                 # out = (gw - m) / std  =>  d std = -sum(u * (gw - m)) / std = -sum(d_gw * g * w) / std, as the
                 # centred d_gw sums to 0 against the constant m; and d w = sum over tokens of d_gw * g
-                d_gw_g = d_gw * g32
+                spent = not torch.is_grad_enabled() and (d_g is None or d_g.data_ptr() != d_gw.data_ptr())
+                d_gw_g = d_gw.mul_(g32) if spent else d_gw * g32  # d_gw is not needed after this
                 if need_w:
                     d_w = _flat(d_gw_g).sum(dim=0)
                 if need_std:
@@ -208,7 +255,7 @@ class _AttentionRule(torch.autograd.Function):
         ctx.save_for_backward(g_out, q, k, v, attn)  # g_out as given: the graph path differentiates through it
         g_out = g_out.contiguous()  # a head view of (B, N, D): each product would copy it otherwise
         g_v = attn.transpose(-2, -1) @ g_out
-        scores = _softmax_vjp(g_out @ v.transpose(-2, -1), attn)
+        scores = _softmax_vjp(_product_into("attn.G", g_out, v.transpose(-2, -1)), attn, into="attn.S")
         return (scores @ k).mul_(scale / 4.0), (scores.transpose(-2, -1) @ q).mul_(0.25), g_v.mul_(0.5)
 
     @staticmethod
@@ -278,13 +325,13 @@ def _attention_backward_first_order(
     right = _side_by_side(k, None, d_gk, 0.25)
     d_gq, d_gk = left[..., :d], right[..., d:]
     d_gv = torch.mul(d_gv, 0.5, out=torch.empty(d_gv.shape, dtype=d_gv.dtype, device=d_gv.device))
-    big_g = g_out @ v.transpose(-2, -1)
-    d_scores = left @ right.transpose(-2, -1)
+    big_g = _product_into("attn.G", g_out, v.transpose(-2, -1))
+    d_scores = _product_into("attn.dS", left, right.transpose(-2, -1))
     with float32_region(attn):
         a32, g_r, t = upcast(attn), upcast(big_g), upcast(d_scores)
         r = _rowdot(g_r, a32)
         g_r = g_r.sub_(r)  # G - r
-        scores = a32 * g_r
+        scores = torch.mul(a32, g_r, out=_WORKSPACE.take("attn.S", g_r.shape, a32.dtype, a32.device))
         c = _rowdot(t, a32)
         t = t.sub_(c)
         d_attn = torch.addcmul((r * c).neg_(), g_r, t, out=g_r) if need_attn else None
@@ -292,7 +339,8 @@ def _attention_backward_first_order(
     if d_attn is not None:
         _add_product(d_attn, g_out, d_gv.transpose(-2, -1))
         with float32_region(attn):
-            d_logits = torch._softmax_backward_data(d_attn, a32, -1, a32.dtype)
+            d_logits = torch._softmax_backward_data(d_attn, a32, -1, a32.dtype, grad_input=_WORKSPACE.take(
+                "attn.d_logits", d_attn.shape, a32.dtype, a32.device))
         if need_q:
             d_q = _add_product(scores @ d_gk, d_logits, k)
         if need_k:
@@ -329,11 +377,13 @@ def _rowdot(x: Tensor, y: Tensor) -> Tensor:
     return torch.einsum("...ij,...ij->...i", x, y).unsqueeze(-1)
 
 
-def _softmax_vjp(big_g: Tensor, attn: Tensor) -> Tensor:
+def _softmax_vjp(big_g: Tensor, attn: Tensor, into: str) -> Tensor:
+    """The softmax VJP of `big_g` at `attn`, in the workspace buffer `into`."""
     # In float32 under autocast: G - sum(G * a) cancels (the DTD rule's bias term); see rules.attention_rule.
     with float32_region(big_g):
         a32 = upcast(attn)
-        return torch._softmax_backward_data(upcast(big_g), a32, -1, a32.dtype)
+        out = _WORKSPACE.take(into, big_g.shape, a32.dtype, a32.device)
+        return torch._softmax_backward_data(upcast(big_g), a32, -1, a32.dtype, grad_input=out)
 
 
 def attention_rule_fused(
