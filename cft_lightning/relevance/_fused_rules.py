@@ -252,8 +252,7 @@ class _AttentionRule(torch.autograd.Function):
     def forward(ctx: Any, g_out: Tensor, q: Tensor, k: Tensor, v: Tensor, attn: Tensor, scale: float):
         ctx.scale = scale
         _save_autocast(ctx, g_out)
-        ctx.save_for_backward(g_out, q, k, v, attn)  # g_out as given: the graph path differentiates through it
-        g_out = g_out.contiguous()  # a head view of (B, N, D): each product would copy it otherwise
+        ctx.save_for_backward(g_out, q, k, v, attn)
         g_v = attn.transpose(-2, -1) @ g_out
         scores = _softmax_vjp(_product_into("attn.G", g_out, v.transpose(-2, -1)), attn, into="attn.S")
         return (scores @ k).mul_(scale / 4.0), (scores.transpose(-2, -1) @ q).mul_(0.25), g_v.mul_(0.5)
@@ -317,7 +316,6 @@ def _attention_backward_first_order(
     need_gout, need_q, need_k, need_v = needs
     need_attn = need_q or need_k
     d = q.shape[-1]
-    g_out = g_out.contiguous()
     # The incoming gradients are views of the (B, N, 3, H, d) stack: each is scaled into (B, H, N, d) order
     # once, and d_gq, d_gk straight into [d_gq | q] and [k | d_gk], so that dS = d_gq k^T + q d_gk^T is one
     # product over 2d (no second (B, H, N, N) product and no sum of two).
@@ -390,5 +388,7 @@ def attention_rule_fused(
     g_out: Tensor, q: Tensor, k: Tensor, v: Tensor, attn: Tensor, scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     """`rules.attention_rule(..., rule="attnlrp")` keeping no (B, H, N, N) tensor of its own for the backward."""
-    return _AttentionRule.apply(g_out, q, k, v, attn, scale)
+    # contiguous before the Function (so in the graph): g_out is a head view of (B, N, D), and every product
+    # with it, forward and backward, would copy it otherwise
+    return _AttentionRule.apply(g_out.contiguous(), q, k, v, attn, scale)
 

@@ -82,7 +82,8 @@ def _block_backward(blk: nn.Module, rec: BlockRecord, g: Tensor, rules: _Rules) 
     ga = ga.reshape(B, N, attn.num_heads, attn.head_dim).transpose(1, 2)
     g_q, g_k, g_v = rules.attention(ga, rec, attn.scale)
     g_q, g_k = rules.norm(g_q, rec.q_norm), rules.norm(g_k, rec.k_norm)
-    g_qkv = torch.stack((g_q, g_k, g_v)).permute(1, 3, 0, 2, 4).reshape(B, N, 3 * attn.attn_dim)
+    # stacked straight into qkv's (B, N, 3, H, d) layout: one copy, and the reshape is a view
+    g_qkv = torch.stack([t.transpose(1, 2) for t in (g_q, g_k, g_v)], dim=2).reshape(B, N, 3 * attn.attn_dim)
     return g + rules.norm(linear_rule(g_qkv, attn.qkv.weight), rec.norm1)
 
 
