@@ -43,6 +43,16 @@ def test_workspace_keeps_one_buffer_per_name_shape_and_thread():
     _WORKSPACE.buffers.clear()
 
 
+def test_workspace_buffer_made_in_inference_mode_is_replaced_outside_it():
+    with torch.inference_mode():
+        made = _WORKSPACE.take("test.c", torch.Size([2, 2]), torch.float32, torch.device("cpu"))
+        assert made.is_inference()
+    outside = _WORKSPACE.take("test.c", torch.Size([2, 2]), torch.float32, torch.device("cpu"))
+    assert not outside.is_inference()
+    torch.mul(torch.ones(2, 2), 2.0, out=outside)  # writable in a training step
+    _WORKSPACE.buffers.clear()
+
+
 def _mlp_grads(seed):
     g, h = _randn(2, 5, 4, seed=seed), _randn(2, 5, 8, seed=seed + 1)
     w2, w1 = _randn(4, 8, seed=seed + 2), _randn(8, 4, seed=seed + 3)

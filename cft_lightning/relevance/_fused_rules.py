@@ -69,7 +69,9 @@ class _Workspace(threading.local):
         if device.type != "cpu":
             return torch.empty(shape, dtype=dtype, device=device)
         buf = self.buffers.get(name)
-        if buf is None or buf.shape != shape or buf.dtype != dtype:
+        # an inference tensor cannot be written outside inference mode (and the reverse would make one)
+        if buf is None or buf.shape != shape or buf.dtype != dtype or buf.is_inference() != \
+                torch.is_inference_mode_enabled():
             self.buffers.pop(name, None)  # freed before the new one is taken
             buf = self.buffers[name] = torch.empty(shape, dtype=dtype, device=device)
         return buf
