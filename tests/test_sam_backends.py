@@ -181,13 +181,42 @@ def test_one_encode_and_one_batched_decode_per_image(files: Path, monkeypatch: p
     assert not any(m.any() for m in empty.values()) and encodes == [] and decodes == []  # no box: no SAM call
 
 
-def _generate(files: Path, out: Path, segmenter: str, images: Path | None = None) -> list[str]:
+def _generate(files: Path, out: Path, segmenter: str, images: Path | None = None, *extra: str) -> list[str]:
     from cft_lightning.cli import main
 
     main(["masks", "generate", "--images", str(images or files / "images"), "--concepts", str(files / "bank.json"),
           "--out", str(out), "--detector", str(files / "gd"), "--segmenter", segmenter, "--box_threshold", "0.0",
-          "--text_threshold", "0.0", "--accelerator", "cpu", "--devices", "1", "--no_progress"])
+          "--text_threshold", "0.0", "--accelerator", "cpu", "--devices", "1", "--no_progress", *extra])
     return sorted(str(p.relative_to(out)) for p in out.rglob("*.png"))
+
+
+def test_cft_masks_generate_in_bf16_mixed_precision(files: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """`--precision bf16-mixed` runs GroundingDINO and SAM under bfloat16 autocast (CPU autocast here): every
+    mask is written, close to the float32 grounder's, and the manifest records the precision."""
+    from cft_lightning.data.mask_store import MaskStore
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    written = _generate(files, tmp_path / "store", str(files / "hf_sam"), None, "--precision", "bf16-mixed")
+    assert len(written) == 2 * 4
+    store = MaskStore(tmp_path / "store")
+    assert store.read_manifest()["models"]["precision"] == "bf16-mixed"
+    direct = grounder(files, str(files / "hf_sam"))
+    for rel in ("alpha/0.png", "alpha/1.png"):
+        want = direct(rel, "alpha", PROMPTS)
+        for got, ref in ((store.read(rel, "concept", concept="round eye"), want["round eye"]),
+                         (store.read(rel, "object"), want["alpha"])):
+            assert ref.sum() > 0
+            assert (got & ref).sum() / (got | ref).sum() > 0.95  # bfloat16 moves a few boundary pixels
+
+
+def test_cft_masks_generate_refuses_an_untested_precision(files: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture):
+    with pytest.raises(SystemExit) as exc:
+        _generate(files, tmp_path / "store", str(files / "hf_sam"), None, "--precision", "16-mixed")
+    assert exc.value.code != 0
+    err = capsys.readouterr().err
+    assert "precision" in err and "bf16-mixed" in err
+    assert not (tmp_path / "store").exists() or not list((tmp_path / "store").rglob("*.png"))
 
 
 def test_cft_masks_generate_with_a_segment_anything_checkpoint(files: Path, tmp_path: Path,

@@ -59,6 +59,7 @@ def generate_command(
     accelerator: str = "auto",
     devices: int | str = "auto",
     num_nodes: int = 1,
+    precision: Literal["32-true", "bf16-mixed"] = "32-true",
     no_progress: bool = False,
 ) -> None:
     """Ground every concept of each image's class (GroundingDINO + SAM).
@@ -74,6 +75,8 @@ def generate_command(
         accelerator: Lightning accelerator: cpu, gpu, auto
         devices: devices per node, a number or auto
         num_nodes: number of nodes (machines)
+        precision: the models' arithmetic: 32-true, or bf16-mixed (bfloat16 autocast; GPUs from Ampere on),
+            which the store's manifest records
         no_progress: no progress bar
     """
     import json
@@ -100,15 +103,16 @@ def generate_command(
 
         ground = GroundedSAM(images, grounding.detector, grounding.segmenter, grounding.box_threshold,
                              grounding.text_threshold)
-    trainer = L.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, logger=False,
-                        enable_progress_bar=not no_progress, enable_model_summary=False, default_root_dir=out)
+    trainer = L.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, precision=precision,
+                        logger=False, enable_progress_bar=not no_progress, enable_model_summary=False,
+                        default_root_dir=out)
     trainer.predict(MaskGeneration(ground, bank, out), generation_loader(found_images, batch_size),
                     return_predictions=False)
     if trainer.is_global_zero:
         MaskStore(out).update_manifest(
             kinds=["concept", "object"], concept_bank=concepts,
-            models={"grounder": grounder, **({"detector": grounding.detector, "segmenter": grounding.segmenter}
-                                             if grounder == "grounded_sam" else {})},
+            models={"grounder": grounder, **({"detector": grounding.detector, "segmenter": grounding.segmenter,
+                                              "precision": precision} if grounder == "grounded_sam" else {})},
             thresholds={"box": grounding.box_threshold, "text": grounding.text_threshold})
         records = [json.loads(line) for log in sorted(Path(out, "logs").glob("*.jsonl"))
                    for line in log.read_text().splitlines()]
