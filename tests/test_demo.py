@@ -283,9 +283,13 @@ def test_report_rewrites_the_summary_from_results_on_disk(demo_run: Path, capsys
     run = demo_run / "run"
     before = (run / "summary.md").read_text()
     (run / "summary.md").unlink()
+    capsys.readouterr()
     main(["demo", "--out", str(run), "--data_dir", str(demo_run / "data"), "--methods", "plain", "cft", "--report",
           "--overlays", "0", *TINY])
     assert (run / "summary.md").read_text() == before
+    files = [line for line in capsys.readouterr().out.splitlines() if line.startswith("files:")]
+    assert files and "summary.md" in files[0] and "metrics.png" in files[0]
+    assert "overlays.png" not in files[0]  # --overlays 0 draws none, so the line does not name one
     with pytest.raises(SystemExit) as info:
         main(["demo", "--out", str(run), "--methods", "plain", "rrr", "--report", *TINY])
     assert info.value.code != 0

@@ -158,3 +158,21 @@ def test_unknown_benchmark_and_protocol(tmp_path: Path):
         get_benchmark("imagenet_c", tmp_path)
     with pytest.raises(DataError, match="unknown protocol"):
         get_benchmark("in_val", tmp_path, "paper")
+
+
+def test_files_that_are_not_images_are_named_in_one_warning(tmp_path: Path):
+    """Stray files inside class folders (a tar's notes, a partial download) are skipped, and said so once with
+    the count and the first names; hidden files are skipped quietly."""
+    root = tree(tmp_path / "val", {WNIDS[1]: 2, WNIDS[2]: 1})
+    touch(root / WNIDS[1] / "notes.txt")
+    touch(root / WNIDS[2] / "img 9.JPEG.part")
+    touch(root / WNIDS[2] / ".DS_Store")
+    with pytest.warns(UserWarning, match=r"skipped 2 file\(s\) in .*val.*not images") as record:
+        _, samples = get_benchmark("in_val", root)
+    assert len(samples) == 3
+    message = str(record[0].message)
+    assert f"{WNIDS[1]}/notes.txt" in message and "img 9.JPEG.part" in message and "DS_Store" not in message
+    objectnet = objectnet_tree(tmp_path / "objectnet-1.0")
+    touch(objectnet / "images" / "banana" / "Thumbs.db")
+    with pytest.warns(UserWarning, match=r"skipped 1 file\(s\).*banana/Thumbs.db"):
+        get_benchmark("objectnet", objectnet)

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from cft_lightning.data.image_folder import imagenet_classes, is_image_file, load_image
+from cft_lightning.data.image_io import skipped_summary
 from cft_lightning.errors import DataError
 
 __all__ = [
@@ -148,21 +149,34 @@ def _class_dirs(root: Path, allowed_files: tuple[str, ...] = ()) -> list[Path]:
     return dirs
 
 
-def _images(folder: Path) -> list[Path]:
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p.name))
-    if not files:
+def _images(folder: Path, skipped: list[str]) -> list[Path]:
+    """The images under a class folder; other files (not hidden ones) are appended to `skipped`, relative to
+    the folder of class folders, for one warning per benchmark."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    images = [p for p in files if is_image_file(p.name)]
+    if not images:
         raise DataError(f"class folder {folder} holds no image")
-    return files
+    skipped += [p.relative_to(folder.parent).as_posix() for p in files
+                if not is_image_file(p.name) and not p.name.startswith(".")]
+    return images
+
+
+def _warn_skipped(where: Path, skipped: list[str]) -> None:
+    if skipped:
+        from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+        rank_zero_warn(skipped_summary(where, skipped))
 
 
 def _list(root: Path, label_of: dict[str, int], allowed_files: tuple[str, ...] = (),
           what: str = "class") -> list[BenchmarkSample]:
-    samples = []
+    samples, skipped = [], []
     for folder in _class_dirs(root, allowed_files):
         if folder.name not in label_of:
             raise DataError(f"folder {folder} is not a known {what} of this benchmark")
         label = label_of[folder.name]
-        samples += [BenchmarkSample(p.relative_to(root).as_posix(), label) for p in _images(folder)]
+        samples += [BenchmarkSample(p.relative_to(root).as_posix(), label) for p in _images(folder, skipped)]
+    _warn_skipped(root, skipped)
     return samples
 
 
@@ -230,13 +244,15 @@ def _objectnet(root: Path, protocol: Protocol) -> tuple[Benchmark, list[Benchmar
         raise DataError(f"ObjectNet root {root} has no images/ folder (point the root at objectnet-1.0)")
     folder_to_label, labels, groups = objectnet_groups(root / "mappings")
     label_id = {label: k for k, label in enumerate(labels)}
-    samples = []
+    samples, skipped = [], []
     for folder in _class_dirs(images):
         label = folder_to_label.get(folder.name)
         if label is None:
             raise DataError(f"folder {folder} is not in {root / 'mappings' / 'folder_to_objectnet_label.json'}")
         if label in label_id:  # only the 113 classes that overlap ImageNet are scored
-            samples += [BenchmarkSample(p.relative_to(root).as_posix(), label_id[label]) for p in _images(folder)]
+            samples += [BenchmarkSample(p.relative_to(root).as_posix(), label_id[label])
+                        for p in _images(folder, skipped)]
+    _warn_skipped(images, skipped)
     if protocol == "release":  # only the group's first ImageNet class counts, 1000-way; no border crop
         first = [g[0] for g in groups]
         samples = [BenchmarkSample(s.path, first[s.label]) for s in samples]

@@ -139,17 +139,19 @@ def demo_command(settings: DemoSettings, decoy_only: bool = False, overlays: int
                                              for row, metrics in diffs.items()}
                                       for base, diffs in comparisons.items()}}, indent=2) + "\n")
     bar_chart(table, out / "metrics.png", comparisons["original"] or None)
+    written = [out / "summary.md", out / "summary_table.json", out / "metrics.png"]
     starts = summary.get("starts") or {}
     if starts:
         calibration.write(starts, out / "calibration.md")
-    if overlays > 0:
-        _overlays(settings, summary, overlays)
+        written.append(out / "calibration.md")
+    if overlays > 0 and (drawn := _overlays(settings, summary, overlays)) is not None:
+        written.append(drawn)
     console = Console()
     console.print(f"\n[bold]cft demo[/] seeds {settings.seeds}: values x100 (mean ± std over seeds)\n")
     console.print(text)
     for line in calibration.failed(starts):
         console.print(f"[yellow]calibration criterion missed:[/] {line} (docs/demo.md)")
-    console.print(f"files: {out / 'summary.md'}, {out / 'metrics.png'}, {out / 'overlays.png'}")
+    console.print("files: " + ", ".join(str(path) for path in written), soft_wrap=True)  # what this run wrote
 
 
 _GROUPS = "; ".join(f"{name} = {' '.join(members)}" for name, members in METHOD_GROUPS.items())
