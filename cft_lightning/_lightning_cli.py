@@ -142,11 +142,32 @@ class CFTCLI(LightningCLI):
         from cft_lightning.cli_ckpt import honour_model_overrides
 
         sub = self.config.get("subcommand")
+        if sub:
+            self._resolve_last(sub)  # first, so that `last`'s hyperparameters are applied like a file's
         before = self.config.clone()
         super()._parse_ckpt_path()
         ckpt_path = self.config[sub].get("ckpt_path") if sub else None
         if ckpt_path and os.path.isfile(ckpt_path):
             honour_model_overrides(before, self.config, sub, getattr(self, "_argv", []), ckpt_path)
+
+    def _resolve_last(self, sub: str) -> None:
+        """`--ckpt_path last` -> the newest last*.ckpt under trainer.default_root_dir (Lightning looks only in this
+        run's new checkpoint folder: `fit` would silently start over, `test` would fail)."""
+        if self.config[sub].get("ckpt_path") != "last":
+            return
+        root = self.config[sub].trainer.get("default_root_dir") or os.getcwd()
+        found = _newest_last_checkpoint(root)
+        if sub == "fit":  # resume from it, or start fresh if there is none
+            print(f"cft: resuming from {found}" if found else f"cft: no last*.ckpt under {root!r}: starting fresh",
+                  file=sys.stderr)
+        elif found is None:
+            raise DataError(
+                f"--ckpt_path last: no last*.ckpt under {root!r} (trainer.default_root_dir); run `cft fit` "
+                "with this config first, or pass the checkpoint's path"
+            )
+        else:
+            print(f"cft: using checkpoint {found}", file=sys.stderr)
+        self.config[sub].ckpt_path = found
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
         """Lightning titles the subcommand's own options with the first line of the Trainer method's docstring,
@@ -178,24 +199,6 @@ class CFTCLI(LightningCLI):
         chosen = self.config[sub].get("benchmarks") if sub else None
         if chosen is not None:
             self.config[sub].data.benchmark_names = chosen
-        if sub == "fit" and self.config[sub].get("ckpt_path") == "last":
-            # Lightning looks for last.ckpt only in this run's (new) checkpoint folder and would silently start
-            # over; resume from the newest one under default_root_dir instead, or start fresh if there is none.
-            root = self.config[sub].trainer.get("default_root_dir") or os.getcwd()
-            found = _newest_last_checkpoint(root)
-            print(f"cft: resuming from {found}" if found else f"cft: no last*.ckpt under {root!r}: starting fresh",
-                  file=sys.stderr)
-            self.config[sub].ckpt_path = found
-        if sub in ("validate", "test", "predict") and self.config[sub].get("ckpt_path") == "last":
-            root = self.config[sub].trainer.get("default_root_dir") or os.getcwd()
-            found = _newest_last_checkpoint(root)
-            if found is None:
-                raise DataError(
-                    f"--ckpt_path last: no last*.ckpt under {root!r} (trainer.default_root_dir); run `cft fit` "
-                    "with this config first, or pass the checkpoint's path"
-                )
-            print(f"cft: using checkpoint {found}", file=sys.stderr)
-            self.config[sub].ckpt_path = found
 
     def after_fit(self) -> None:
         """`run_summary.json` for the fit; with `--test_after_fit`, test in the same process and summarise."""

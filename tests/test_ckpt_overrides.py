@@ -86,6 +86,25 @@ def test_the_checkpoint_replaces_the_config_files_model_settings(fitted: tuple[P
     assert "original" in _results(tmp_path / "c")["splits"]["test"]["metrics"]["acc1"]
 
 
+def test_ckpt_path_last_applies_the_checkpoints_settings_like_a_file(fitted: tuple[Path, Path],
+                                                                     tmp_path: Path) -> None:
+    """`--ckpt_path last` is resolved before Lightning reads a checkpoint's hyperparameters, so the newest
+    last.ckpt's settings hold as a named file's do (they used to be skipped for `last`), and command-line
+    `--model.*` flags still win over them."""
+    data = fitted[0]
+    runs = tmp_path / "runs"
+    main(["fit", *_args(data, runs, "--model.track_reference", "false")])
+
+    def tested(*flags: str) -> dict:
+        before = set(runs.rglob("results.json"))
+        main(["test", *_args(data, runs), *flags, "--ckpt_path", "last"])
+        (new,) = set(runs.rglob("results.json")) - before
+        return json.loads(new.read_text())["splits"]["test"]["metrics"]["acc1"]
+
+    assert "original" not in tested()  # the config says track_reference: true; the checkpoint's false holds
+    assert "original" in tested("--model.track_reference", "true")  # the command line wins
+
+
 @pytest.mark.parametrize(("flag", "value"), [("--model.backbone.num_classes", "4"),
                                              ("--model.backbone.model_kwargs", '{"img_size": 32, "depth": 3}'),
                                              ("--model.backbone.name", "vit_small_patch16_224")])
