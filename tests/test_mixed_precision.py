@@ -312,3 +312,18 @@ def test_cft_fit_and_test_with_bf16_mixed_on_the_smoke_config(tmp_path: Path, mo
     with open(runs / "lightning_logs" / "version_1" / "metrics.csv") as fh:
         tested = {k: float(v) for row in csv.DictReader(fh) for k, v in row.items() if v}
     assert tested and all(math.isfinite(v) for v in tested.values())
+
+
+def test_plugins_get_the_float32_region_from_the_public_seams():
+    """docs/extending.md tells plugin authors to import `float32_region` and `upcast` from the seam they
+    implement: both seams give the same helpers, and a product inside the region stays float32 under autocast."""
+    from cft_lightning import regularizers, relevance
+
+    assert relevance.float32_region is regularizers.float32_region
+    assert relevance.upcast is regularizers.upcast
+    x = torch.randn(4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (x @ x).dtype == torch.bfloat16
+        low = (x @ x).to(torch.bfloat16)
+        with relevance.float32_region(low):
+            assert (relevance.upcast(low) @ relevance.upcast(low)).dtype == torch.float32

@@ -4,6 +4,7 @@
 
 from typing import Any
 
+from cft_lightning._precision import float32_region, upcast  # for plugins: what stays float32 under autocast
 from cft_lightning._registry import REGULARIZERS, register_regularizer
 from cft_lightning.regularizers.base import Regularizer, RegularizerOutput, consistency_loss, masks_to_grid
 from cft_lightning.regularizers.cft import CFT, alignment_terms
@@ -29,10 +30,12 @@ __all__ = [
     "alignment_terms",
     "consistency_loss",
     "create_regularizer",
+    "float32_region",
     "list_regularizers",
     "masks_to_grid",
     "register_regularizer",
     "regularizer_class",
+    "upcast",
 ]
 
 

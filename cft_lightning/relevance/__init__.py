@@ -4,6 +4,7 @@ name (`attnlrp`, `gradcam`, ...): `create_relevance(spec)` builds one from a nam
 
 from typing import Any
 
+from cft_lightning._precision import float32_region, upcast  # for plugins: what stays float32 under autocast
 from cft_lightning._registry import RELEVANCE, register_relevance
 from cft_lightning.errors import UnsupportedModelError
 from cft_lightning.relevance._attention import explicit_attention
@@ -30,10 +31,12 @@ __all__ = [
     "ZennitLRP",
     "create_relevance",
     "explicit_attention",
+    "float32_region",
     "list_relevance",
     "normalize_maps",
     "register_relevance",
     "relevance_class",
+    "upcast",
 ]
 
 
