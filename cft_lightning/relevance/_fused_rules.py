@@ -224,7 +224,7 @@ class _LayerNormRule(torch.autograd.Function):
             if need_w or need_std:
                 # out = (gw - m) / std  =>  d std = -sum(u * (gw - m)) / std = -sum(d_gw * g * w) / std, as the
                 # centred d_gw sums to 0 against the constant m; and d w = sum over tokens of d_gw * g
-                spent = not torch.is_grad_enabled() and (d_g is None or d_g.data_ptr() != d_gw.data_ptr())
+                spent = not torch.is_grad_enabled() and d_g is not d_gw  # d_g is d_gw without a weight
                 d_gw_g = d_gw.mul_(g32) if spent else d_gw * g32  # d_gw is not needed after this
                 if need_w:
                     d_w = _flat(d_gw_g).sum(dim=0)
